@@ -1,0 +1,220 @@
+"""Name what a block of the image encoder writes, with texts encoded by the model itself.
+
+Every block adds its attention and MLP outputs to the residual stream, and the image embedding
+is ``visual_projection(post_layernorm(residual of the class token))``. A direction ``u`` that a
+block writes into the residual stream therefore reaches the joint image-text space as
+``M u`` with ``M = P diag(gamma) C`` (``P`` the projection weight, ``gamma`` the final layer
+norm's weight, ``C = I - 11^T / D`` its mean removal). This is the layer norm's linear part: it
+leaves out the division by the token's standard deviation (a positive factor per token, which
+does not change any cosine), the bias (an offset that does not depend on ``u``), and the way
+adding ``u`` changes that standard deviation (second order for a small change). In the joint
+space, directions are compared with the embeddings of a pool of short descriptions encoded by
+the model's own text encoder.
+
+CLIP's text embeddings share a large common component. The pool's mean embedding is removed
+before comparing, so that a description is matched by what distinguishes it from the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_POOL_FILE = Path(__file__).with_name("descriptions.txt")
+
+
+def default_descriptions() -> list[str]:
+    """The project's general pool of short visual descriptions (colours, textures, shapes,
+    objects, scenes, styles, medical imaging terms), one per line of ``descriptions.txt``."""
+    return read_descriptions(_POOL_FILE)
+
+
+def read_descriptions(path: str | Path) -> list[str]:
+    """Descriptions from a text file: one per line; blank lines and lines starting with '#'
+    are skipped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def joint_space_map(layer_norm: torch.nn.Module, projection: torch.nn.Module) -> torch.Tensor:
+    """Linear map from residual-stream directions to the joint image-text space.
+
+    Args:
+        layer_norm: the encoder's final ``nn.LayerNorm`` (``post_layernorm`` for CLIP's image
+            encoder, ``final_layer_norm`` for its text encoder).
+        projection: the ``nn.Linear`` into the joint space (``visual_projection`` /
+            ``text_projection``).
+
+    Returns:
+        (joint_dim, hidden) float32 matrix ``P diag(gamma) (I - 11^T / hidden)``; see the module
+        docstring for what the linearisation leaves out.
+    """
+    weight = projection.weight.detach().float().cpu()
+    hidden = weight.shape[1]
+    gamma = getattr(layer_norm, "weight", None)
+    gamma = torch.ones(hidden) if gamma is None else gamma.detach().float().cpu()
+    if gamma.numel() != hidden:
+        raise ValueError(
+            f"The layer norm has {gamma.numel()} features but the projection reads {hidden}; pass the "
+            "norm that feeds this projection."
+        )
+    scaled = weight * gamma  # P diag(gamma)
+    # Right-multiplying by the centring matrix removes each row's mean.
+    return scaled - scaled.mean(dim=1, keepdim=True)
+
+
+@dataclass
+class ConceptPool:
+    """Descriptions and their embeddings in the joint space.
+
+    Attributes:
+        texts: the N descriptions kept.
+        embeddings: (N, joint_dim) unit vectors: the texts' normalised embeddings with the pool
+            mean removed, renormalised.
+        dropped: descriptions left out because the tokenizer knows none of their words.
+    """
+
+    texts: list[str]
+    embeddings: torch.Tensor
+    dropped: list[str]
+
+    @classmethod
+    def encode(
+        cls,
+        model: torch.nn.Module,
+        tokenizer,
+        texts: list[str],
+        batch_size: int = 64,
+    ) -> ConceptPool:
+        """Encode ``texts`` with a CLIP model's own text encoder and text projection.
+
+        Args:
+            model: a CLIP-like model with ``text_model`` and ``text_projection`` (the base model;
+                disable an adapter first if the dictionary should stay the pretrained one).
+            tokenizer: the model's tokenizer.
+            texts: descriptions; duplicates are removed, order kept.
+            batch_size: texts per forward pass.
+
+        Returns:
+            The pool, with descriptions whose every word is unknown to the tokenizer dropped
+            (their embedding would be that of the unknown token, which names nothing).
+        """
+        for attr in ("text_model", "text_projection"):
+            if not hasattr(model, attr):
+                raise ValueError(
+                    f"{type(model).__name__} has no `{attr}`; describing directions needs a CLIP-like "
+                    "model with a text encoder and a text projection."
+                )
+        texts = list(dict.fromkeys(t.strip() for t in texts if t.strip()))
+        kept, dropped = _known_texts(tokenizer, texts)
+        if len(kept) < 2:
+            raise ValueError(
+                f"Only {len(kept)} of {len(texts)} descriptions contain a word the tokenizer knows; at least "
+                "2 are needed (the pool mean is removed). Add descriptions in the model's vocabulary."
+            )
+        max_length = getattr(getattr(model.text_model, "config", None), "max_position_embeddings", None)
+        param = next(model.text_projection.parameters())
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, len(kept), batch_size):
+                batch = tokenizer(
+                    kept[start : start + batch_size],
+                    padding=True,
+                    truncation=max_length is not None,
+                    max_length=max_length,
+                    return_tensors="pt",
+                )
+                inputs = {
+                    k: v.to(param.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")
+                }
+                out = model.text_model(**inputs)
+                chunks.append(model.text_projection(out.pooler_output).float().cpu())
+        return cls.from_embeddings(kept, torch.cat(chunks), dropped=dropped)
+
+    @classmethod
+    def from_embeddings(
+        cls, texts: list[str], embeddings: torch.Tensor, dropped: list[str] | None = None
+    ) -> ConceptPool:
+        """Build a pool from (N, joint_dim) raw text embeddings: normalise, remove the mean,
+        normalise again."""
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
+            raise ValueError(f"Expected ({len(texts)}, joint_dim) embeddings, got {tuple(embeddings.shape)}.")
+        unit = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+        centred = unit - unit.mean(dim=0, keepdim=True)
+        return cls(list(texts), torch.nn.functional.normalize(centred, dim=-1), list(dropped or []))
+
+
+def _known_texts(tokenizer, texts: list[str]) -> tuple[list[str], list[str]]:
+    """Split texts into those with at least one token the tokenizer knows and the rest."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    kept, dropped = [], []
+    for text, tokens in zip(texts, ids, strict=True):
+        (kept if any(t != unk for t in tokens) else dropped).append(text)
+    return kept, dropped
+
+
+def name_directions(
+    directions: torch.Tensor, joint_map: torch.Tensor, pool: ConceptPool, top_k: int = 3
+) -> list[list[tuple[str, float]]]:
+    """The pool texts nearest to each residual-stream direction.
+
+    A singular direction has no sign of its own (``u`` and ``-u`` are the same direction, which
+    the layer writes with the sign of its input), so texts are ranked by the absolute cosine and
+    returned with the signed one: ``+`` and ``-`` texts are the two ends of one axis.
+
+    Args:
+        directions: (k, hidden) directions in the residual stream, e.g. columns of ``U`` as rows.
+        joint_map: (joint_dim, hidden) from ``joint_space_map``.
+        pool: the descriptions.
+        top_k: texts per direction.
+
+    Returns:
+        For each direction, ``top_k`` pairs ``(text, cosine)`` by decreasing ``|cosine|``;
+        an empty list for a direction the joint map sends to zero.
+    """
+    joint = directions.float() @ joint_map.T  # (k, joint_dim)
+    norms = joint.norm(dim=-1)
+    cos = torch.nn.functional.normalize(joint, dim=-1) @ pool.embeddings.T  # (k, N)
+    names = []
+    for row, norm in zip(cos, norms, strict=True):
+        if norm <= 1e-12:
+            names.append([])
+            continue
+        order = torch.argsort(row.abs(), descending=True)[:top_k]
+        names.append([(pool.texts[i], float(row[i])) for i in order])
+    return names
+
+
+def concept_energy(pool: ConceptPool, joint_map: torch.Tensor, *write: torch.Tensor) -> torch.Tensor:
+    """How strongly a linear write into the residual stream reaches each description.
+
+    For a write ``W = write[0] @ write[1] @ ...`` (hidden x input), e.g. a head's output
+    projection slice times its value projection slice, returns ``||t^T M W||^2`` for every pool
+    embedding ``t``: the energy the write sends along the description for an isotropic input.
+
+    Returns:
+        (N,) energies, one per description.
+    """
+    rows = pool.embeddings @ joint_map  # (N, hidden)
+    for factor in write:
+        rows = rows @ factor.float()
+    return rows.square().sum(dim=-1)
+
+
+def concept_change(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Change of the energy along each description, in units of the mean energy before.
+
+    Args:
+        before, after: (N,) from ``concept_energy`` with the pretrained and adapted weights.
+
+    Returns:
+        (N,) ``(after - before) / mean(before)``: 0.1 means the write's energy along the
+        description grew by a tenth of what an average description received before. Scaling a
+        whole write by ``g`` raises every description in proportion to what it had; moving
+        energy between singular directions raises some and lowers others.
+    """
+    scale = before.mean().clamp_min(1e-30)
+    return (after - before) / scale

@@ -1,0 +1,140 @@
+"""PNG figures of an adapter analysis (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from .spectral import LayerChange, summarize
+from .summary import AdapterAnalysis
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as err:  # matplotlib is an optional dependency
+        raise ImportError("Plots need matplotlib: `pip install peft-svd[analysis]`.") from err
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_heatmap(layers: list[LayerChange], encoder: str, path: str | Path) -> Path:
+    """Heatmap of the relative change (%) of every adapted layer of one encoder.
+
+    Rows are blocks, columns module types in the order they appear in the model.
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    import numpy as np
+
+    stats = summarize([c for c in layers if c.encoder == encoder], by=("block", "module"))
+    if not stats:
+        raise ValueError(f"No adapted layers in encoder {encoder!r}.")
+    blocks = sorted({b for b, _ in stats}, key=lambda b: -1 if b is None else b)
+    modules = list(dict.fromkeys(m for _, m in stats))
+    grid = np.full((len(blocks), len(modules)), np.nan)
+    for (b, m), s in stats.items():
+        grid[blocks.index(b), modules.index(m)] = 100 * s["relative_change"]
+
+    fig, ax = plt.subplots(figsize=(1.1 * len(modules) + 2.5, 0.42 * len(blocks) + 1.8))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(modules)), modules)
+    ax.set_yticks(range(len(blocks)), ["-" if b is None else str(b) for b in blocks])
+    ax.set_xlabel("module")
+    ax.set_ylabel("block")
+    ax.set_title(f"{encoder} encoder: relative change of the weights (%)")
+    if grid.size <= 120:
+        high = np.nanmax(grid)
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2g}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if value > 0.6 * high else "white",
+                )
+    fig.colorbar(image, ax=ax, label="||d|| / ||s0|| (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_spectra(layers: list[LayerChange], path: str | Path) -> Path:
+    """Singular values before and after adaptation (top) and their relative change (bottom)
+    for each of the given layers, one column per layer.
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    if not layers:
+        raise ValueError("No layers to plot.")
+    fig, axes = plt.subplots(2, len(layers), figsize=(4.2 * len(layers), 5.6), squeeze=False, sharex="col")
+    for col, change in enumerate(layers):
+        index = range(change.singular_values.numel())
+        top, bottom = axes[0, col], axes[1, col]
+        top.plot(index, change.singular_values.numpy(), label="before", lw=1.6)
+        top.plot(index, change.adapted.numpy(), label="after", lw=1.0, ls="--")
+        top.set_yscale("log")
+        top.set_title(
+            "\n".join(textwrap.wrap(f"{change.encoder} block {change.block} {change.module}", 40)), fontsize=9
+        )
+        top.set_ylabel("singular value")
+        top.legend(fontsize=8)
+        bottom.plot(index, 100 * change.relative_values.numpy(), lw=0.8, color="tab:red")
+        bottom.axhline(0, color="grey", lw=0.6)
+        bottom.set_xlabel("index (descending s0)")
+        bottom.set_ylabel("relative change (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_top_heads(analysis: AdapterAnalysis, path: str | Path, n: int = 10) -> Path:
+    """Bar chart of the ``n`` most changed attention heads, each labelled with what it writes
+    and which descriptions the adapter amplified and damped (where its block was described).
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    heads = analysis.heads[:n]
+    if not heads:
+        raise ValueError("The analysis has no attention heads (no adapted q/k/v/out projection).")
+    fig, ax = plt.subplots(figsize=(11, 0.62 * len(heads) + 1.4))
+    values = [100 * h.relative_change for h in heads]
+    colors = ["tab:orange" if h.gain >= 0 else "tab:blue" for h in heads]
+    positions = range(len(heads))[::-1]
+    ax.barh(list(positions), values, color=colors)
+    ax.set_yticks(list(positions), [f"{h.encoder} b{h.block} h{h.head}" for h in heads])
+    ax.set_xlabel("relative change of the head's q/k/v/out slices (%)  [orange: amplified, blue: damped]")
+    ax.set_title("Most changed attention heads")
+    high = max(values) if values else 1.0
+    for pos, head, value in zip(positions, heads, values, strict=True):
+        entry = analysis.head_concepts(head)
+        if entry is None:
+            continue
+        label = f"writes {_names(entry['writes'])}"
+        if entry["amplified"]:
+            label += f" | + {_names(entry['amplified'])}"
+        if entry["damped"]:
+            label += f" | - {_names(entry['damped'])}"
+        ax.text(value + 0.01 * high, pos, label, va="center", fontsize=7)
+    ax.set_xlim(0, 2.6 * high if high > 0 else 1.0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _names(pairs, n: int = 2) -> str:
+    return ", ".join(text for text, _ in pairs[:n])
