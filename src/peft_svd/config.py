@@ -1,0 +1,156 @@
+"""Configuration of singular-value fine-tuning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ._registry import SVD_PEFT_TYPE
+
+ForwardMode = Literal["auto", "factored", "merged"]
+
+
+@dataclass
+class SVDConfig(PeftConfig):
+    """Configuration of an [`SVDModel`]: singular-value fine-tuning (CLIP-SVD).
+
+    Each targeted `nn.Linear` weight is factorized once, `W = U diag(s) Vh`; `U` and `Vh` stay
+    frozen and the adapter trains one vector per layer, the change `d` of the singular values, so
+    that the adapted weight is `U diag(s + d) Vh = W + U diag(d) Vh`. The vector has
+    `min(out_features, in_features)` entries (summed over blocks for split weights, see
+    `out_splits`), and it is all that an adapter file holds besides a small fingerprint of each
+    base weight.
+
+    Args:
+        target_modules (`Optional[Union[list[str], str]]`):
+            Names of the `nn.Linear` modules to adapt. A list matches module names exactly or by
+            suffix (`"q_proj"` matches `"...self_attn.q_proj"`); a string is a regular expression
+            matched against the full module name. `None` picks the default of the model type:
+            for CLIP, SigLIP and their single-tower variants the attention `q_proj`, `k_proj`,
+            `v_proj`, `out_proj` and the MLP `fc1`, `fc2` of every block of both encoders (the
+            paper's choice). Models without a default raise an error asking for this field.
+        exclude_modules (`Optional[Union[list[str], str]]`):
+            Names (list: exact or suffix match) or a regular expression of modules not to adapt.
+        layers_to_transform (`Optional[Union[list[int], int]]`):
+            Adapt only the blocks with these indices. Applies when `target_modules` is a list.
+        layers_pattern (`Optional[Union[list[str], str]]`):
+            Name of the module list that holds the blocks (e.g. `"layers"`), used with
+            `layers_to_transform` when the block index cannot be found automatically.
+        modules_to_save (`Optional[list[str]]`):
+            Modules apart from the adapted layers to train fully and store in the adapter (e.g. a
+            freshly initialized classifier head).
+        init_weights (`bool`):
+            `True` (default): the singular-value change starts at zero, so the adapted model
+            equals the base model exactly. `False`: a random change (normal, 10% of the layer's
+            root-mean-square singular value), for tests that need a non-identity adapter.
+        out_splits (`Optional[dict[str, list[int]]]`):
+            For weights that pack several matrices along their output dimension, such as a fused
+            query/key/value projection: maps a module name (suffix match) to the row counts of
+            its blocks, e.g. `{"qkv": [768, 768, 768]}`. Each block is factorized separately and
+            gets its own singular values, exactly as if it were its own layer.
+        forward_mode (`Literal["auto", "factored", "merged"]`):
+            How a layer computes its output while its singular values are being trained.
+            `"factored"` computes `U ((s + d) * (Vh x))`, `"merged"` builds `W + U diag(d) Vh`
+            and multiplies once (its backward pass recomputes that matrix instead of storing it).
+            `"auto"` (default) picks the cheaper one per layer and call from the layer shape and
+            the number of tokens. Results agree to float rounding. Without gradients (evaluation)
+            the effective weight is built once and reused until the singular values change, so
+            inference costs what the base model costs.
+        factorization_device (`Optional[str]`):
+            Where the decomposition runs: `"auto"` (default) uses the GPU when there is one, even
+            if the model is still on the CPU; or any torch device string.
+        factor_cache_dir (`Optional[str]`):
+            Directory of an on-disk factor cache. Factors are looked up by a content hash of each
+            base weight and only used when that hash matches, so a changed base model is never
+            served stale factors. `None` (default): no cache.
+        verify_base_model (`bool`):
+            When an adapter is loaded, compare the fingerprint of each base weight stored in the
+            adapter with the weight it is loaded onto, and raise an error naming the first layer
+            that differs (the adapter was trained on another checkpoint). Set to `False` only to
+            load an adapter onto a base model that you know differs.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "List of module names (exact or suffix match) or a regex of the nn.Linear modules to adapt. "
+                "None: the default of the model type (CLIP/SigLIP: q_proj, k_proj, v_proj, out_proj, fc1, fc2)."
+            )
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "List of module names or a regex of modules not to adapt."},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None,
+        metadata={"help": "Adapt only the blocks with these indices (with a list of target_modules)."},
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Name of the module list holding the blocks, used with layers_to_transform."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules apart from the adapted layers to train fully and save with the adapter."},
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: zero change of the singular values (identity). False: random change, for tests only."
+        },
+    )
+    out_splits: Optional[dict[str, list[int]]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Module name (suffix match) -> row counts of the matrices packed along its output dimension, "
+                "e.g. {'qkv': [768, 768, 768]}; each block gets its own singular values."
+            )
+        },
+    )
+    forward_mode: ForwardMode = field(
+        default="auto",
+        metadata={"help": "'auto' (default), 'factored' or 'merged': how trained layers compute their output."},
+    )
+    factorization_device: Optional[str] = field(
+        default="auto",
+        metadata={"help": "Device of the decomposition: 'auto' (GPU when available) or a torch device string."},
+    )
+    factor_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Directory of an on-disk factor cache keyed by a content hash of each base weight."},
+    )
+    verify_base_model: bool = field(
+        default=True,
+        metadata={"help": "Raise when an adapter is loaded onto a base model whose weights differ."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = SVD_PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.forward_mode not in ("auto", "factored", "merged"):
+            raise ValueError(
+                f"forward_mode={self.forward_mode!r} is not supported; use 'auto', 'factored' or 'merged'."
+            )
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (a regex).")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str (a regex).")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        if self.out_splits is not None:
+            if not isinstance(self.out_splits, dict):
+                raise TypeError(
+                    f"out_splits must map module names to lists of row counts, got {type(self.out_splits).__name__}."
+                )
+            for name, sizes in self.out_splits.items():
+                if not sizes or any((not isinstance(n, int)) or n <= 0 for n in sizes):
+                    raise ValueError(f"out_splits[{name!r}] must be a non-empty list of positive ints, got {sizes!r}.")

@@ -1,0 +1,502 @@
+"""Labelled image datasets for few-shot adaptation: loading, K-shot sampling, class subsets and
+image transforms.
+
+Every random choice here is a function of the seed and of a position, never of the process or
+of the order in which workers run: the K shots of a class depend on (seed, class), the order in
+which the K-shot set is visited on (seed, epoch), and the augmentation of an image on (seed,
+position in that order). So one process or eight, with or without data-loading workers, and a
+run resumed from a checkpoint all see the same images, cropped the same way, at the same step.
+"""
+
+import io
+import logging
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+
+# Distinct streams of random numbers drawn from one seed.
+_SHOTS_STREAM, _ORDER_STREAM, _AUGMENT_STREAM = 0, 1, 2
+
+_IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "jpg", "png")
+_LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target", "cls")
+
+
+class UnreadableImageError(ValueError):
+    """An image of the dataset cannot be decoded. The message names the file (or row)."""
+
+
+@dataclass
+class ImageClassificationData:
+    """A labelled image dataset with its class names.
+
+    Attributes:
+        source: the dataset argument it was loaded from (Hub id, folder, or `builtin:<name>`).
+        name: short name used to look up the prompt template and in the model card.
+        splits: the splits, each with exactly two columns: `"image"` (`datasets.Image(decode=False)`,
+            decoded by `read_image`) and `"label"` (int class id, index into `class_names`).
+        class_names: one name per class id, as they go into the prompts.
+        template: the prompt template the dataset ships with (built-in datasets), else None.
+    """
+
+    source: str
+    name: str
+    splits: datasets.DatasetDict
+    class_names: list[str]
+    template: str | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def split(self, name: str | None, *, purpose: str, fallbacks: Sequence[str] = ()) -> tuple[str, datasets.Dataset]:
+        """Returns `(split_name, split)`: `name` if given, else the first of `fallbacks` present.
+
+        Raises ValueError naming the available splits when none is found.
+        """
+        wanted = [name] if name is not None else list(fallbacks)
+        for candidate in wanted:
+            if candidate in self.splits:
+                if name is None and candidate != fallbacks[0]:
+                    logger.warning("%s has no %r split; using %r for %s", self.source, fallbacks[0], candidate, purpose)
+                return candidate, self.splits[candidate]
+        flag = "--train-split" if purpose == "training" else "--test-split"
+        raise ValueError(
+            f"dataset {self.source!r} has no split {' or '.join(map(repr, wanted))} for {purpose}; it has "
+            f"{sorted(self.splits)}. Pass {flag} NAME, or for a local folder lay it out as "
+            "<folder>/train/<class>/*.jpg and <folder>/test/<class>/*.jpg."
+        )
+
+    def labels(self, split: str) -> np.ndarray:
+        """Returns the class ids of every row of `split`, shape (rows,), without decoding images."""
+        return np.asarray(self.splits[split]["label"], dtype=np.int64)
+
+
+def parse_class_names(value: str | Sequence[str] | None) -> list[str] | None:
+    """Parses the --class-names flag: a text file with one name per line, or a comma-separated list.
+
+    Returns None when `value` is None.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        names = [str(v).strip() for v in value]
+    elif os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    else:
+        names = [v.strip() for v in value.split(",")]
+    if not names or any(not n for n in names):
+        raise ValueError(f"--class-names {value!r} contains an empty class name; give a file with one name per line or 'a,b,c'")
+    return names
+
+
+def _clean_class_name(name: str) -> str:
+    # Folder names and ClassLabel names often use underscores; prompts read better with spaces.
+    return " ".join(str(name).replace("_", " ").split())
+
+
+def _open_splits(source: str, config_name: str | None, seed: int) -> tuple[datasets.DatasetDict, str, str | None]:
+    """Returns (splits, short name, shipped template) for a dataset argument."""
+    if source.startswith(BUILTIN_PREFIX):
+        from peft_svd import builtin
+
+        name = source[len(BUILTIN_PREFIX) :] or builtin.DEFAULT_DATASET
+        if name not in builtin.DATASETS:
+            raise ValueError(f"unknown built-in dataset {name!r}; available: {', '.join(sorted(builtin.DATASETS))}")
+        splits = builtin.load_dataset(name, seed=seed)
+        return splits, name, getattr(builtin, "TEMPLATES", {}).get(name)
+    if os.path.isdir(source):
+        name = os.path.basename(os.path.normpath(source))
+        saved = any(os.path.exists(os.path.join(source, f)) for f in ("dataset_dict.json", "state.json"))
+        splits = datasets.load_from_disk(source) if saved else datasets.load_dataset("imagefolder", data_dir=source)
+        if isinstance(splits, datasets.Dataset):
+            splits = datasets.DatasetDict({"train": splits})
+        return splits, name, None
+    if os.path.exists(source):
+        raise ValueError(f"--dataset {source!r} is a file; give a folder (imagefolder layout or save_to_disk), a Hub id, or builtin:<name>")
+    try:
+        splits = datasets.load_dataset(source, config_name)
+    except Exception as exc:  # the Hub client raises many types; all mean "could not get it"
+        raise ValueError(
+            f"could not load dataset {source!r} ({type(exc).__name__}: {exc}). It is neither a local folder nor "
+            "a reachable Hub dataset; for the offline demo use --dataset builtin:<name>"
+        ) from exc
+    return splits, source.split("/")[-1], None
+
+
+def _find_column(features: datasets.Features, given: str | None, kind: str, feature_type, names: Sequence[str], flag: str) -> str | None:
+    if given is not None:
+        if given not in features:
+            raise ValueError(f"{flag} {given!r} is not a column of the dataset; columns: {list(features)}")
+        return given
+    typed = [c for c, f in features.items() if isinstance(f, feature_type)]
+    if typed:
+        return typed[0]
+    for c in names:
+        if c in features:
+            return c
+    return None
+
+
+def load_image_classification(
+    source: str,
+    *,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    class_names: Sequence[str] | None = None,
+    config_name: str | None = None,
+    seed: int = 0,
+) -> ImageClassificationData:
+    """Loads a labelled image dataset and finds its image column, label column and class names.
+
+    Args:
+        source: `builtin:<name>`, a local folder (imagefolder layout `<split>/<class>/<image>`,
+            or a dataset saved with `save_to_disk`), or a Hub dataset id.
+        image_column, label_column: column names; detected from the features when None (the
+            first `Image` / `ClassLabel` feature, then common names such as "image", "label").
+        class_names: one name per class id; required when the labels are plain integers.
+        config_name: Hub dataset configuration.
+        seed: passed to built-in datasets, which are generated.
+
+    Returns:
+        An `ImageClassificationData` whose splits hold only `"image"` and `"label"`.
+
+    Raises:
+        ValueError: no image or label column, no class names, or class names that do not match
+            the labels. Raised before any image is decoded.
+    """
+    splits, name, template = _open_splits(source, config_name, seed)
+    if not isinstance(splits, datasets.DatasetDict) or not splits:
+        raise ValueError(f"dataset {source!r} has no splits")
+    features = next(iter(splits.values())).features
+    image_col = _find_column(features, image_column, "image", datasets.Image, _IMAGE_COLUMN_NAMES, "--image-column")
+    if image_col is None:
+        raise ValueError(f"dataset {source!r} has no image column (columns: {list(features)}); pass --image-column NAME")
+    label_col = _find_column(features, label_column, "label", datasets.ClassLabel, _LABEL_COLUMN_NAMES, "--label-column")
+    if label_col is None or label_col == image_col:
+        raise ValueError(
+            f"dataset {source!r} has no label column (columns: {list(features)}); few-shot adaptation needs a "
+            "labelled dataset. Pass --label-column NAME, or for a local folder put each class in its own "
+            "sub-folder (<split>/<class>/<image>)."
+        )
+
+    label_feature = features[label_col]
+    if isinstance(label_feature, datasets.Value) and label_feature.dtype in ("string", "large_string"):
+        # String labels: turn them into a ClassLabel (sorted names) so that ids are stable.
+        splits = splits.class_encode_column(label_col)
+        label_feature = next(iter(splits.values())).features[label_col]
+
+    if class_names is not None:
+        names = list(class_names)
+    elif isinstance(label_feature, datasets.ClassLabel) and label_feature.names:
+        names = [_clean_class_name(n) for n in label_feature.names]
+    else:
+        raise ValueError(
+            f"dataset {source!r}: label column {label_col!r} has no class names ({label_feature}); the "
+            "prompts need them. Pass --class-names 'name0,name1,...' or a file with one name per line, in "
+            "class-id order."
+        )
+    if isinstance(label_feature, datasets.ClassLabel) and label_feature.num_classes != len(names):
+        raise ValueError(
+            f"{len(names)} class names given but the label column {label_col!r} has {label_feature.num_classes} "
+            "classes; give one name per class id"
+        )
+
+    keep = {}
+    for split_name, split in splits.items():
+        if image_col not in split.column_names or label_col not in split.column_names:
+            logger.warning("dropping split %r of %s: it lacks column %r or %r", split_name, source, image_col, label_col)
+            continue
+        split = split.select_columns([image_col, label_col])
+        if image_col != "image":
+            split = split.rename_column(image_col, "image")
+        if label_col != "label":
+            split = split.rename_column(label_col, "label")
+        # Decode ourselves (read_image) so that a broken file is reported by name.
+        keep[split_name] = split.cast_column("image", datasets.Image(decode=False))
+    splits = datasets.DatasetDict(keep)
+
+    for split_name, split in splits.items():
+        labels = np.asarray(split["label"], dtype=np.int64)
+        if labels.size and labels.max() >= len(names):
+            raise ValueError(
+                f"split {split_name!r} of {source!r} has label {int(labels.max())} but only {len(names)} class names; "
+                "give one name per class id"
+            )
+    return ImageClassificationData(source=source, name=name, splits=splits, class_names=names, template=template)
+
+
+def check_labelled(data: ImageClassificationData, split: str) -> None:
+    """Raises ValueError if some rows of `split` have no label (id < 0, as in unlabelled test sets)."""
+    labels = data.labels(split)
+    missing = int((labels < 0).sum())
+    if missing:
+        raise ValueError(
+            f"split {split!r} of {data.source!r} has {missing} of {labels.size} images without a label "
+            "(label -1); evaluate on a labelled split, e.g. --test-split validation"
+        )
+
+
+def sample_few_shot(labels: Sequence[int], shots: int, seed: int, classes: Sequence[int] | None = None) -> list[int]:
+    """Chooses `shots` rows per class, the same rows for the same seed on every machine.
+
+    The choice for class `c` is the first `shots` rows of a permutation of that class's rows
+    drawn from `numpy.random.default_rng([seed, 0, c])`, so it does not depend on other
+    classes, on the process count, or on torch's global RNG.
+
+    Args:
+        labels: class id of every row, shape (rows,).
+        shots: K, images per class.
+        seed: non-negative integer.
+        classes: class ids to sample (default: 0 .. max(labels)).
+
+    Returns:
+        Sorted row indices, about `shots * len(classes)` of them. A class with fewer than `shots`
+        rows contributes all it has, with a warning.
+
+    Raises:
+        ValueError: `shots < 1`, or no class has any row.
+    """
+    if shots < 1:
+        raise ValueError(f"shots must be at least 1, got {shots}")
+    labels = np.asarray(labels, dtype=np.int64)
+    if classes is None:
+        classes = range(int(labels.max()) + 1 if labels.size else 0)
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    chosen, short = [], {}
+    for c in classes:
+        lo, hi = np.searchsorted(sorted_labels, [c, c + 1])
+        rows = order[lo:hi]
+        rng = np.random.default_rng([seed, _SHOTS_STREAM, int(c)])
+        chosen.append(rows[rng.permutation(rows.size)[:shots]])
+        if rows.size < shots:
+            short[int(c)] = int(rows.size)
+    rows = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+    if rows.size == 0:
+        raise ValueError("no training images for any class: the training split is empty or has no labelled rows")
+    if short:
+        listed = ", ".join(f"class {c}: {n}" for c, n in list(short.items())[:10])
+        more = f" and {len(short) - 10} more" if len(short) > 10 else ""
+        warnings.warn(
+            f"{len(short)} classes have fewer than {shots} training images ({listed}{more}); using all they have",
+            stacklevel=2,
+        )
+    return rows.tolist()
+
+
+def base_novel_classes(num_classes: int) -> tuple[list[int], list[int]]:
+    """Splits class ids into base (the first half, rounded up) and novel (the rest), as in the
+    base-to-novel protocol. Returns `(base_ids, novel_ids)`."""
+    if num_classes < 2:
+        raise ValueError(f"base-to-novel needs at least 2 classes, the dataset has {num_classes}")
+    half = math.ceil(num_classes / 2)
+    return list(range(half)), list(range(half, num_classes))
+
+
+def rows_of_classes(labels: Sequence[int], classes: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Returns `(rows, targets)`: the rows whose label is in `classes`, and their label re-indexed
+    as the position of that class in `classes` (so a classifier over `classes` can score them)."""
+    position = {int(c): i for i, c in enumerate(classes)}
+    rows, targets = [], []
+    for row, label in enumerate(np.asarray(labels).tolist()):
+        if label in position:
+            rows.append(row)
+            targets.append(position[label])
+    return rows, targets
+
+
+def read_image(split: datasets.Dataset, row: int) -> Image.Image:
+    """Decodes the image of `row` of a split loaded by `load_image_classification` as RGB.
+
+    Raises:
+        UnreadableImageError: naming the file (or the row, for images stored as bytes).
+    """
+    record = split[int(row)]["image"]
+    path = record.get("path") if isinstance(record, dict) else None
+    data = record.get("bytes") if isinstance(record, dict) else None
+    try:
+        if isinstance(record, Image.Image):
+            image = record
+        elif data is not None:
+            image = Image.open(io.BytesIO(data))
+        elif path:
+            image = Image.open(path)
+        else:
+            raise ValueError("the row holds no image data")
+        image.load()  # decode now, so that a truncated file fails here, with its name
+        return image.convert("RGB")
+    except Exception as exc:
+        where = f"file {path!r}" if path else "an image stored in the dataset"
+        raise UnreadableImageError(f"cannot read {where} (row {row}): {type(exc).__name__}: {exc}") from exc
+
+
+def check_images(split: datasets.Dataset, rows: Sequence[int], *, progress: bool = False) -> None:
+    """Decodes the images of `rows` once so that a broken file stops the run before training.
+
+    Raises:
+        UnreadableImageError: for the first image that cannot be decoded, naming it.
+    """
+    from tqdm.auto import tqdm
+
+    for row in tqdm(rows, desc="checking training images", disable=not progress, leave=False):
+        read_image(split, row)
+
+
+def _processor_geometry(image_processor) -> tuple[tuple[int, int], int]:
+    """Returns ((height, width) of the model input, PIL resample filter) of an image processor."""
+
+    def get(d, key):
+        if d is None:
+            return None
+        try:
+            return d[key]
+        except (KeyError, TypeError):
+            return getattr(d, key, None)
+
+    crop = getattr(image_processor, "crop_size", None)
+    size = getattr(image_processor, "size", None)
+    if getattr(image_processor, "do_center_crop", False) and get(crop, "height"):
+        hw = (int(get(crop, "height")), int(get(crop, "width")))
+    elif get(size, "height"):
+        hw = (int(get(size, "height")), int(get(size, "width")))
+    elif get(size, "shortest_edge"):
+        hw = (int(get(size, "shortest_edge")),) * 2
+    else:
+        raise ValueError(f"cannot tell the input size of image processor {type(image_processor).__name__}")
+    resample = getattr(image_processor, "resample", Image.BICUBIC)
+    return hw, int(resample if resample is not None else Image.BICUBIC)
+
+
+class TrainTransform:
+    """RandomResizedCrop + random horizontal flip + the model's normalisation.
+
+    The crop box is drawn as torchvision's RandomResizedCrop draws it (area fraction in `scale`,
+    log-uniform aspect ratio in `ratio`, ten tries, then a central crop), but from a numpy
+    Generator passed in, so that the caller decides what the randomness depends on.
+
+    Args:
+        image_processor: the model's image processor (input size, resample filter, mean, std).
+        scale: range of the crop area as a fraction of the image area.
+        ratio: range of the crop aspect ratio (width / height).
+        flip: whether to flip horizontally with probability 1/2.
+    """
+
+    def __init__(self, image_processor, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True):
+        (self.height, self.width), self.resample = _processor_geometry(image_processor)
+        self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), flip
+        self.mean = np.asarray(image_processor.image_mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(image_processor.image_std, dtype=np.float32).reshape(3, 1, 1)
+        if not (0 < self.scale[0] <= self.scale[1] <= 1):
+            raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+
+    def _box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        area = width * height
+        log_ratio = np.log(self.ratio)
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(rng.integers(0, height - h + 1))
+                left = int(rng.integers(0, width - w + 1))
+                return left, top, left + w, top + h
+        # Fallback: the largest central crop whose ratio is within bounds.
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            w, h = int(round(height * self.ratio[1])), height
+        else:
+            w, h = width, height
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        """Returns the augmented image as a float32 tensor of shape (3, height, width)."""
+        box = self._box(image.width, image.height, rng)
+        image = image.resize((self.width, self.height), resample=self.resample, box=box)
+        if self.flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return torch.from_numpy((pixels - self.mean) / self.std)
+
+
+class FewShotOrder(torch.utils.data.Sampler):
+    """The order in which training visits the K-shot set: `num_items` draws, epoch after epoch.
+
+    Epoch `e` is a permutation of the K-shot set drawn from `default_rng([seed, 1, e])`. Yields
+    `(index, position)` pairs, `position` being the global draw number, from which the
+    augmentation is seeded. Batches cross epoch boundaries, so every batch is full.
+    """
+
+    def __init__(self, num_samples: int, num_items: int, seed: int):
+        if num_samples < 1:
+            raise ValueError("the K-shot training set is empty")
+        self.num_samples, self.num_items, self.seed = num_samples, num_items, seed
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self):
+        position, epoch = 0, 0
+        while position < self.num_items:
+            permutation = np.random.default_rng([self.seed, _ORDER_STREAM, epoch]).permutation(self.num_samples)
+            for index in permutation[: self.num_items - position].tolist():
+                yield index, position
+                position += 1
+            epoch += 1
+
+
+class FewShotTrainSet(torch.utils.data.Dataset):
+    """The K-shot training images, augmented as a function of (seed, position in `FewShotOrder`).
+
+    Indexed by the `(index, position)` pairs of `FewShotOrder`; returns
+    `(pixel_values (3, H, W) float32, target int)`.
+    """
+
+    def __init__(self, split: datasets.Dataset, rows: Sequence[int], targets: Sequence[int], transform: TrainTransform, seed: int):
+        if len(rows) != len(targets):
+            raise ValueError("rows and targets differ in length")
+        self.split, self.rows, self.targets = split, list(rows), list(targets)
+        self.transform, self.seed = transform, seed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item):
+        index, position = item
+        image = read_image(self.split, self.rows[index])
+        rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, position])
+        return self.transform(image, rng), self.targets[index]
+
+
+class EvalSet(torch.utils.data.Dataset):
+    """Rows of a split preprocessed exactly as the model's image processor does (resize, centre
+    crop, normalise). Returns `(pixel_values (3, H, W) float32, target int)`."""
+
+    def __init__(self, split: datasets.Dataset, rows: Sequence[int], targets: Sequence[int], image_processor):
+        if len(rows) != len(targets):
+            raise ValueError("rows and targets differ in length")
+        self.split, self.rows, self.targets = split, list(rows), list(targets)
+        self.image_processor = image_processor
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        image = read_image(self.split, self.rows[i])
+        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return pixels, self.targets[i]

@@ -1,0 +1,1 @@
+"""`evaluate` metric modules shipped with peft-svd, loaded from their local path (works offline)."""

@@ -1,0 +1,202 @@
+"""The tuner: which modules of a model are adapted, and their factorization in one batch."""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from functools import partial
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, NoMatchingPeftModuleError
+from torch import nn
+
+from ._registry import PREFIX
+from .config import SVDConfig
+from .factorization import factorize_cached
+from .layer import SVDLayer, dispatch_default
+
+_CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+# Default target modules by `config.model_type`: every attention projection and both MLP matrices
+# of every block of both encoders, as in the paper.
+TRANSFORMERS_MODELS_TO_SVD_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
+    model_type: _CLIP_TARGETS
+    for model_type in (
+        "clip",
+        "clip_text_model",
+        "clip_vision_model",
+        "siglip",
+        "siglip_text_model",
+        "siglip_vision_model",
+        "siglip2",
+        "siglip2_text_model",
+        "siglip2_vision_model",
+    )
+}
+
+# SigLIP's attention-pooling head reuses the names out_proj/fc1/fc2 but is not a transformer block.
+_DEFAULT_EXCLUDES = {"siglip": r".*vision_model\.head\..*", "siglip2": r".*vision_model\.head\..*"}
+_DEFAULT_EXCLUDES["siglip_vision_model"] = _DEFAULT_EXCLUDES["siglip"]
+_DEFAULT_EXCLUDES["siglip2_vision_model"] = _DEFAULT_EXCLUDES["siglip"]
+
+
+def _adapter_names_pre_forward_hook(target, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def iter_svd_layers(model: nn.Module):
+    """Yield `(qualified_name, layer)` for every SVD-adapted layer of `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, SVDLayer):
+            yield name, module
+
+
+class SVDModel(BaseTuner):
+    """Singular-value fine-tuning (CLIP-SVD) of the `nn.Linear` layers of a model.
+
+    Each targeted weight is factorized once, `W = U diag(s) Vh`, and only the change of its
+    singular values is trained. Factorization happens once per base layer, for all targeted
+    layers together (batched by shape, on the GPU when there is one) right after the layers are
+    wrapped; adapters added later reuse the factors.
+
+    Args:
+        model (`torch.nn.Module`): The model to adapt.
+        config ([`SVDConfig`]): The configuration.
+        adapter_name (`str`): The adapter name, `"default"` by default.
+        low_cpu_mem_usage (`bool`): Accepted for API compatibility; the singular-value vectors are
+            tiny, so they are always created directly.
+
+    Returns:
+        `torch.nn.Module`: The adapted model.
+
+    Example:
+        ```py
+        >>> import peft_svd
+        >>> from peft import get_peft_model
+        >>> from transformers import CLIPModel
+
+        >>> clip = CLIPModel.from_pretrained("openai/clip-vit-base-patch16")
+        >>> model = get_peft_model(clip, peft_svd.SVDConfig())
+        >>> model.print_trainable_parameters()
+        ```
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = SVDLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_SVD_TARGET_MODULES_MAPPING
+
+    def _prepare_adapter_config(self, peft_config: SVDConfig, model_config: dict) -> SVDConfig:
+        model_type = model_config.get("model_type")
+        if peft_config.target_modules is None:
+            targets = self.target_module_mapping.get(model_type)
+            if targets is None:
+                raise ValueError(
+                    f"There are no default target modules for model type {model_type!r}. Please specify "
+                    "`target_modules` in `SVDConfig`, e.g. SVDConfig(target_modules=['q_proj', 'v_proj'])."
+                )
+            peft_config.target_modules = set(targets)
+            if peft_config.exclude_modules is None and model_type in _DEFAULT_EXCLUDES:
+                peft_config.exclude_modules = _DEFAULT_EXCLUDES[model_type]
+        return peft_config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except NoMatchingPeftModuleError as err:
+            names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise NoMatchingPeftModuleError(
+                f"{err} target_modules={sorted(self.peft_config[adapter_name].target_modules)} matched no "
+                f"nn.Linear; available: {', '.join(names) if names else '(the model has no nn.Linear)'}."
+            ) from None
+
+    def _create_and_replace(
+        self,
+        svd_config: SVDConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        out_splits = _out_splits_for(svd_config, current_key)
+        if isinstance(target, SVDLayer):
+            target.update_layer(adapter_name, svd_config, out_splits=out_splits)
+            return
+        new_module = self._create_new_module(svd_config, adapter_name, target, current_key, out_splits=out_splits)
+        if adapter_name not in self.active_adapters:
+            # an added adapter is not trainable until it is set active
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(svd_config: SVDConfig, adapter_name: str, target: nn.Module, current_key: str, **kwargs):
+        new_module = dispatch_default(target, adapter_name, svd_config, **kwargs)
+        if new_module is None:
+            base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+            raise TypeError(
+                f"Target module '{current_key}' is a {type(base).__name__}, but SVD adapters support nn.Linear "
+                "only. Remove it from target_modules (or exclude it with exclude_modules)."
+            )
+        return new_module
+
+    def _post_injection_hook(self, model: nn.Module, config: SVDConfig, adapter_name: str) -> None:
+        """Factorize, in one batched call, every adapted layer that has no factors yet."""
+        pending = [layer for _, layer in iter_svd_layers(model) if not layer.has_factors]
+        if not pending:
+            return
+        weights = []
+        for layer in pending:
+            weight = layer.get_base_layer().weight
+            if weight.device.type == "meta":
+                raise ValueError(
+                    "Cannot factorize a base weight on the meta device; load the base model's weights "
+                    "before adding an SVD adapter."
+                )
+            weights.append(weight)
+        factors = factorize_cached(
+            weights,
+            [layer.out_splits for layer in pending],
+            device=config.factorization_device,
+            cache_dir=config.factor_cache_dir,
+            progress=len(pending) > 8,
+        )
+        for layer, f in zip(pending, factors):
+            layer.set_factors(f)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        # inject `adapter_names` into every SVD layer's forward for mixed-batch inference
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        expected = set()
+        for _, layer in iter_svd_layers(self):
+            expected |= set(layer.svd_delta.keys())
+        unexpected = {name for name in adapter_names if name != "__base__"} - expected
+        if unexpected:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}")
+        handles = []
+        for _, layer in iter_svd_layers(self):
+            hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
+            handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _out_splits_for(config: SVDConfig, key: str):
+    """Row blocks configured for module `key` (suffix match on `config.out_splits`), or None."""
+    if not config.out_splits:
+        return None
+    for name, sizes in config.out_splits.items():
+        if key == name or key.endswith("." + name) or re.fullmatch(name, key):
+            return tuple(sizes)
+    return None
