@@ -8,6 +8,9 @@ from pathlib import Path
 from .spectral import LayerChange, summarize
 from .summary import AdapterAnalysis
 
+# Column order of the heatmaps: attention in the order it computes, then the MLP.
+_MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
 
 def _pyplot():
     try:
@@ -35,7 +38,8 @@ def plot_heatmap(layers: list[LayerChange], encoder: str, path: str | Path) -> P
     if not stats:
         raise ValueError(f"No adapted layers in encoder {encoder!r}.")
     blocks = sorted({b for b, _ in stats}, key=lambda b: -1 if b is None else b)
-    modules = list(dict.fromkeys(m for _, m in stats))
+    seen = list(dict.fromkeys(m for _, m in stats))
+    modules = [m for m in _MODULE_ORDER if m in seen] + [m for m in seen if m not in _MODULE_ORDER]
     grid = np.full((len(blocks), len(modules)), np.nan)
     for (b, m), s in stats.items():
         grid[blocks.index(b), modules.index(m)] = 100 * s["relative_change"]
@@ -107,9 +111,9 @@ def plot_top_heads(analysis: AdapterAnalysis, path: str | Path, n: int = 10) -> 
         The path written.
     """
     plt = _pyplot()
-    heads = analysis.heads[:n]
+    heads = [h for h in analysis.heads if h.relative_change > 0][:n]
     if not heads:
-        raise ValueError("The analysis has no attention heads (no adapted q/k/v/out projection).")
+        raise ValueError("No attention head changed (no adapted q/k/v/out projection moved).")
     fig, ax = plt.subplots(figsize=(11, 0.62 * len(heads) + 1.4))
     values = [100 * h.relative_change for h in heads]
     colors = ["tab:orange" if h.gain >= 0 else "tab:blue" for h in heads]
@@ -123,11 +127,11 @@ def plot_top_heads(analysis: AdapterAnalysis, path: str | Path, n: int = 10) -> 
         entry = analysis.head_concepts(head)
         if entry is None:
             continue
-        label = f"writes {_names(entry['writes'])}"
+        label = f"writes: {_names(entry['writes'])}"
         if entry["amplified"]:
-            label += f" | + {_names(entry['amplified'])}"
+            label += f" | amplified: {_names(entry['amplified'])}"
         if entry["damped"]:
-            label += f" | - {_names(entry['damped'])}"
+            label += f" | damped: {_names(entry['damped'])}"
         ax.text(value + 0.01 * high, pos, label, va="center", fontsize=7)
     ax.set_xlim(0, 2.6 * high if high > 0 else 1.0)
     fig.tight_layout()

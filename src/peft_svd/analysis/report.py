@@ -40,7 +40,8 @@ def _select_layers(analysis: AdapterAnalysis, names: list[str] | None, n: int) -
             available = ", ".join(c.name for c in analysis.layers[:6])
             raise ValueError(f"No adapted layer matches {names}; layer names look like: {available}, ...")
         return chosen[:6]
-    return sorted(analysis.layers, key=lambda c: c.relative_change, reverse=True)[:n]
+    changed = [c for c in analysis.layers if c.relative_change > 0]
+    return sorted(changed or analysis.layers, key=lambda c: c.relative_change, reverse=True)[:n]
 
 
 def write_report(
@@ -76,7 +77,8 @@ def write_report(
         )
     spectra = _select_layers(analysis, spectra_layers, num_spectra)
     files["spectra"] = plots.plot_spectra(spectra, out / "spectra.png")
-    if analysis.heads:
+    moved_heads = [h for h in analysis.heads if h.relative_change > 0]
+    if moved_heads:
         files["heads"] = plots.plot_top_heads(analysis, out / "heads.png", n=num_heads)
 
     data = analysis.to_dict()
@@ -119,7 +121,8 @@ def write_report(
     md += ["### By block", ""] + _table(["encoder", "block", "relative change", "gain"], rows)
 
     md += ["## Most changed layers", ""]
-    ranked = sorted(analysis.layers, key=lambda c: c.relative_change, reverse=True)[:num_layers]
+    changed = [c for c in analysis.layers if c.relative_change > 0]
+    ranked = sorted(changed, key=lambda c: c.relative_change, reverse=True)[:num_layers]
     rows = []
     for c in ranked:
         up = c.top_directions(1, amplified=True)
@@ -138,7 +141,7 @@ def write_report(
     )
     md += ["![spectra before and after](spectra.png)", ""]
 
-    if analysis.heads:
+    if moved_heads:
         md += ["## Attention heads", ""]
         md += [
             "A head owns rows of q/k/v and columns of the output projection; each singular direction is "
@@ -151,7 +154,7 @@ def write_report(
         if described:
             header += ["writes mostly", "amplified", "damped"]
         rows = []
-        for h in analysis.heads[:num_heads]:
+        for h in moved_heads[:num_heads]:
             per = " / ".join(
                 _pct(h.modules[m]) if m in h.modules else "-"
                 for m in ("q_proj", "k_proj", "v_proj", "out_proj")

@@ -18,6 +18,10 @@ _ENCODER_PARTS = {
 }
 
 
+# Concept scores below this (in units of the average description's energy) are rounding noise.
+_NEGLIGIBLE = 1e-4
+
+
 @dataclass
 class AdapterAnalysis:
     """Everything the report shows about one adapter.
@@ -62,22 +66,23 @@ class AdapterAnalysis:
         lines = []
         by_encoder = summarize(self.layers, by=("encoder",))
         parts = [
-            f"the {enc} encoder's by {100 * s['relative_change']:.2f}%" for (enc,), s in by_encoder.items()
+            f"the {_encoder_word(enc)}'s weights by {100 * s['relative_change']:.2f}%"
+            for (enc,), s in by_encoder.items()
         ]
         total = summarize(self.layers, by=())[()]
         lines.append(
-            f"The adapter changed {_join(parts)} (relative change of the weights; {total['values']:,} singular "
-            f"values in {total['layers']} layers)."
+            f"The adapter changed {_join(parts)} (relative change; {total['values']:,} singular values in "
+            f"{total['layers']} layers)."
         )
         top = max(self.layers, key=lambda c: c.relative_change)
         modules = summarize(self.layers, by=("encoder", "module"))
         (menc, mmod), mstat = max(modules.items(), key=lambda kv: kv[1]["relative_change"])
         lines.append(
             f"The most changed layer is {_where(top.encoder, top.block)} {top.module} "
-            f"({100 * top.relative_change:.2f}%, {_direction_word(top.gain)}); by module type, the {menc} "
-            f"encoder's {mmod} changed most ({100 * mstat['relative_change']:.2f}%)."
+            f"({100 * top.relative_change:.2f}%, {_direction_word(top.gain)}); by module type, the "
+            f"{_encoder_word(menc)}'s {mmod} layers changed most ({100 * mstat['relative_change']:.2f}%)."
         )
-        if self.heads:
+        if self.heads and self.heads[0].relative_change > 0:
             head = self.heads[0]
             sentence = (
                 f"The most changed attention head is {_where(head.encoder, head.block)} head {head.head} "
@@ -86,10 +91,13 @@ class AdapterAnalysis:
             entry = self.head_concepts(head)
             if entry is not None:
                 sentence += f"; it writes mostly {_quote(entry['writes'])}"
+                changes = []
                 if entry["amplified"]:
-                    sentence += f"; the adapter amplified {_quote(entry['amplified'])}"
+                    changes.append(f"amplified {_quote(entry['amplified'])}")
                 if entry["damped"]:
-                    sentence += f" and damped {_quote(entry['damped'])}"
+                    changes.append(f"damped {_quote(entry['damped'])}")
+                if changes:
+                    sentence += "; the adapter " + " and ".join(changes)
             lines.append(sentence + ".")
         pathways = [e for e in self.concepts if e["part"] in ("attention", "mlp")]
         if pathways:
@@ -97,14 +105,15 @@ class AdapterAnalysis:
             entry = max(
                 pathways, key=lambda e: max((abs(s) for _, s in e["amplified"] + e["damped"]), default=0.0)
             )
-            name = "attention" if entry["part"] == "attention" else "MLP"
-            sentence = f"In {_where(entry['encoder'], entry['block'])}, the {name} output"
+            moves = []
             if entry["amplified"]:
-                sentence += f" moved toward {_quote(entry['amplified'])}"
+                moves.append(f"toward {_quote(entry['amplified'])}")
             if entry["damped"]:
-                sentence += (" and" if entry["amplified"] else "") + f" away from {_quote(entry['damped'])}"
-            if entry["amplified"] or entry["damped"]:
-                lines.append(sentence + ".")
+                moves.append(f"away from {_quote(entry['damped'])}")
+            if moves:
+                name = "attention" if entry["part"] == "attention" else "MLP"
+                where = _where(entry["encoder"], entry["block"])
+                lines.append(f"In {where}, the {name} output moved " + " and ".join(moves) + ".")
         return lines
 
     def to_dict(self) -> dict:
@@ -137,8 +146,12 @@ class AdapterAnalysis:
         }
 
 
+def _encoder_word(encoder: str) -> str:
+    return {"vision": "image encoder", "text": "text encoder"}.get(encoder, f"{encoder} encoder")
+
+
 def _where(encoder: str, block: int | None) -> str:
-    kind = {"vision": "the image encoder", "text": "the text encoder"}.get(encoder, encoder)
+    kind = f"the {_encoder_word(encoder)}"
     return kind if block is None else f"{kind}'s block {block}"
 
 
@@ -183,10 +196,14 @@ def _weights(module: torch.nn.Module, adapter_name: str) -> tuple[torch.Tensor, 
 
 
 def _ranked(texts: list[str], scores: torch.Tensor, k: int, positive: bool) -> list[tuple[str, float]]:
-    """Top ``k`` (text, score) pairs with scores of the requested sign, strongest first."""
+    """Top ``k`` (text, score) pairs with scores of the requested sign, strongest first.
+
+    Scores are in units of the average description (see ``concept_change``); changes below
+    ``_NEGLIGIBLE`` of it are float rounding, not findings.
+    """
     signed = scores if positive else -scores
     order = torch.argsort(signed, descending=True)[:k]
-    return [(texts[i], float(scores[i])) for i in order if signed[i] > 0]
+    return [(texts[i], float(scores[i])) for i in order if signed[i] > _NEGLIGIBLE]
 
 
 def _concept_entry(texts: list[str], before: torch.Tensor, after: torch.Tensor, k: int) -> dict:
