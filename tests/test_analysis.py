@@ -29,7 +29,8 @@ POOL = [
 
 
 def _tokenizer():
-    words = sorted({w for text in POOL for w in text.split()})
+    split = pre_tokenizers.Whitespace()
+    words = sorted({w for text in POOL for w, _ in split.pre_tokenize_str(text)})
     vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3} | {w: i + 4 for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -180,9 +181,9 @@ def test_pool_is_encoded_with_the_pretrained_text_encoder():
     reference = encode_pool(clip, tokenizer, POOL).embeddings
     model = get_peft_model(clip, peft_svd.SVDConfig(init_weights=False))  # a random, non-zero adapter
     torch.testing.assert_close(encode_pool(model, tokenizer, POOL).embeddings, reference)
-    # Texts whose every word is unknown are dropped, not encoded as the unknown token.
-    pool = encode_pool(model, tokenizer, POOL + ["zzz qqq"])
-    assert pool.dropped == ["zzz qqq"] and len(pool.texts) == len(POOL)
+    # Texts with an unknown word are dropped, not encoded with the unknown token in its place.
+    pool = encode_pool(model, tokenizer, POOL + ["zzz qqq", "a red zzz"])
+    assert pool.dropped == ["zzz qqq", "a red zzz"] and len(pool.texts) == len(POOL)
 
 
 def test_write_report_writes_markdown_json_and_figures(tmp_path):

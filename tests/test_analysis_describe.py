@@ -106,3 +106,10 @@ def test_joint_map_rejects_mismatched_norm():
     _, projection = _norm_and_projection()
     with pytest.raises(ValueError, match="layer norm has"):
         joint_space_map(torch.nn.LayerNorm(HIDDEN + 1), projection)
+
+
+def test_builtin_pool_speaks_the_builtin_captions_words():
+    texts = default_descriptions("builtin")
+    assert "a photo of the digit 7." in texts and "a photo, black on white." in texts
+    with pytest.raises(ValueError, match="available: general, builtin"):
+        default_descriptions("medical")

@@ -18,7 +18,11 @@ def _resolve_base(base: str | None, adapter_dir: Path) -> str:
     ``builtin`` means the model shipped with peft-svd."""
     if base is None:
         config_path = adapter_dir / "adapter_config.json"
-        base = json.loads(config_path.read_text()).get("base_model_name_or_path") if config_path.is_file() else None
+        base = (
+            json.loads(config_path.read_text()).get("base_model_name_or_path")
+            if config_path.is_file()
+            else None
+        )
         if not base:
             raise SystemExit(
                 f"{adapter_dir} does not say which base model it adapts (no base_model_name_or_path in "
@@ -29,6 +33,16 @@ def _resolve_base(base: str | None, adapter_dir: Path) -> str:
 
         return str(builtin.model_path())
     return base
+
+
+def _is_builtin(base_id: str) -> bool:
+    """Whether ``base_id`` is the folder of the model shipped with peft-svd."""
+    try:
+        from peft_svd import builtin
+
+        return Path(base_id).resolve() == Path(builtin.model_path()).resolve()
+    except (ImportError, FileNotFoundError):
+        return False
 
 
 def _class_names(value: str | None) -> list[str]:
@@ -57,7 +71,9 @@ def _analyze(args: argparse.Namespace) -> int:
 
     adapter_dir = Path(args.adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise SystemExit(f"{adapter_dir} is not an adapter folder (no adapter_config.json); pass a saved adapter.")
+        raise SystemExit(
+            f"{adapter_dir} is not an adapter folder (no adapter_config.json); pass a saved adapter."
+        )
     base_id = _resolve_base(args.base, adapter_dir)
 
     print(f"Loading base model {base_id}", file=sys.stderr)
@@ -65,7 +81,10 @@ def _analyze(args: argparse.Namespace) -> int:
     model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=args.adapter_name)
     model.to(torch.device(args.device)).eval()
 
-    descriptions: list[str] = [] if args.no_default_pool else default_descriptions()
+    pool = args.default_pool
+    if pool == "auto":
+        pool = "builtin" if _is_builtin(base_id) else "general"
+    descriptions: list[str] = [] if pool == "none" else default_descriptions(pool)
     for pool_file in args.pool:
         descriptions += read_descriptions(pool_file)
     descriptions += [args.template.format(name) for name in _class_names(args.classes)]
@@ -76,7 +95,9 @@ def _analyze(args: argparse.Namespace) -> int:
             tokenizer = AutoTokenizer.from_pretrained(base_id)
         except (OSError, ValueError) as err:
             if args.pool or args.classes:
-                raise SystemExit(f"Cannot load a tokenizer from {base_id} to encode the descriptions: {err}") from err
+                raise SystemExit(
+                    f"Cannot load a tokenizer from {base_id} to encode the descriptions: {err}"
+                ) from err
             print(f"No tokenizer at {base_id} ({err}); skipping the descriptions.", file=sys.stderr)
 
     print("Analysing the adapter", file=sys.stderr)
@@ -87,7 +108,12 @@ def _analyze(args: argparse.Namespace) -> int:
         descriptions=descriptions,
         describe_blocks=args.blocks,
         top_k=args.top_k,
-        meta={"adapter": str(adapter_dir), "base model": base_id, "adapter name": args.adapter_name},
+        meta={
+            "adapter": str(adapter_dir),
+            "base model": base_id,
+            "adapter name": args.adapter_name,
+            "description pool": f"{pool} ({len(descriptions)} texts before filtering)",
+        },
     )
     files = write_report(analysis, args.out, spectra_layers=args.spectra, num_heads=args.heads)
     for line in analysis.summary_lines():
@@ -98,7 +124,9 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``peft-svd`` argument parser with its subcommands."""
-    parser = argparse.ArgumentParser(prog="peft-svd", description="Tools for singular-value (CLIP-SVD) adapters.")
+    parser = argparse.ArgumentParser(
+        prog="peft-svd", description="Tools for singular-value (CLIP-SVD) adapters."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     analyze = commands.add_parser(
@@ -119,20 +147,40 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", default="report", help="output folder (default: report)")
     analyze.add_argument("--adapter-name", default="default", help="name to load the adapter under")
     analyze.add_argument(
-        "--pool", action="append", default=[], metavar="FILE", help="extra descriptions, one per line (repeatable)"
+        "--pool",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="extra descriptions, one per line (repeatable)",
     )
-    analyze.add_argument("--no-default-pool", action="store_true", help="leave out the shipped description pool")
+    analyze.add_argument(
+        "--default-pool",
+        choices=("auto", "general", "builtin", "none"),
+        default="auto",
+        help="shipped descriptions to start from: 'general' (web-image concepts), 'builtin' (the built-in "
+        "model's glyph vocabulary), 'none'; 'auto' (default) picks 'builtin' for the built-in model",
+    )
     analyze.add_argument(
         "--classes", default=None, help="the task's class names: a file (lines or JSON list) or 'cat,dog,...'"
     )
     analyze.add_argument(
-        "--template", default="a photo of a {}.", help="prompt template for class names (default: 'a photo of a {}.')"
+        "--template",
+        default="a photo of a {}.",
+        help="prompt template for class names (default: 'a photo of a {}.')",
     )
-    analyze.add_argument("--blocks", type=int, default=4, help="last image-encoder blocks to describe (default 4)")
-    analyze.add_argument("--top-k", type=int, default=3, help="descriptions listed per head and block (default 3)")
+    analyze.add_argument(
+        "--blocks", type=int, default=4, help="last image-encoder blocks to describe (default 4)"
+    )
+    analyze.add_argument(
+        "--top-k", type=int, default=3, help="descriptions listed per head and block (default 3)"
+    )
     analyze.add_argument("--heads", type=int, default=10, help="heads in the table and figure (default 10)")
     analyze.add_argument(
-        "--spectra", nargs="*", default=None, metavar="LAYER", help="layers whose spectra to plot (default: most changed)"
+        "--spectra",
+        nargs="*",
+        default=None,
+        metavar="LAYER",
+        help="layers whose spectra to plot (default: most changed)",
     )
     analyze.add_argument("--device", default="cpu", help="device to load the model on (default cpu)")
     analyze.set_defaults(run=_analyze)

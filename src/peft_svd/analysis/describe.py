@@ -22,13 +22,29 @@ from pathlib import Path
 
 import torch
 
-_POOL_FILE = Path(__file__).with_name("descriptions.txt")
+# The pools that ship with the package: the general one for CLIP models trained on natural images
+# and captions, and one in the words of the built-in model's pretraining captions.
+_POOL_FILES = {
+    "general": Path(__file__).with_name("descriptions.txt"),
+    "builtin": Path(__file__).with_name("descriptions_builtin.txt"),
+}
 
 
-def default_descriptions() -> list[str]:
-    """The project's general pool of short visual descriptions (colours, textures, shapes,
-    objects, scenes, styles, medical imaging terms), one per line of ``descriptions.txt``."""
-    return read_descriptions(_POOL_FILE)
+def default_descriptions(pool: str = "general") -> list[str]:
+    """A description pool that ships with peft-svd.
+
+    Args:
+        pool: ``"general"``: a few hundred short visual descriptions (colours, textures, shapes,
+            objects, scenes, styles, medical imaging terms) for CLIP models trained on web images;
+            ``"builtin"``: characters, fonts and colours in the words of the built-in model's
+            pretraining captions (its text encoder knows no other words).
+
+    Returns:
+        The descriptions, one per line of the pool's file.
+    """
+    if pool not in _POOL_FILES:
+        raise ValueError(f"Unknown description pool {pool!r}; available: {', '.join(_POOL_FILES)}.")
+    return read_descriptions(_POOL_FILES[pool])
 
 
 def read_descriptions(path: str | Path) -> list[str]:
@@ -73,7 +89,7 @@ class ConceptPool:
         texts: the N descriptions kept.
         embeddings: (N, joint_dim) unit vectors: the texts' normalised embeddings with the pool
             mean removed, renormalised.
-        dropped: descriptions left out because the tokenizer knows none of their words.
+        dropped: descriptions left out because the tokenizer does not know one of their words.
     """
 
     texts: list[str]
@@ -98,8 +114,9 @@ class ConceptPool:
             batch_size: texts per forward pass.
 
         Returns:
-            The pool, with descriptions whose every word is unknown to the tokenizer dropped
-            (their embedding would be that of the unknown token, which names nothing).
+            The pool, without the descriptions that contain a word the tokenizer does not know
+            (the unknown token would stand in for that word, and the embedding would no longer
+            mean the description; byte-level tokenizers such as CLIP's know every word).
         """
         for attr in ("text_model", "text_projection"):
             if not hasattr(model, attr):
@@ -111,7 +128,7 @@ class ConceptPool:
         kept, dropped = _known_texts(tokenizer, texts)
         if len(kept) < 2:
             raise ValueError(
-                f"Only {len(kept)} of {len(texts)} descriptions contain a word the tokenizer knows; at least "
+                f"Only {len(kept)} of {len(texts)} descriptions use only words the tokenizer knows; at least "
                 "2 are needed (the pool mean is removed). Add descriptions in the model's vocabulary."
             )
         max_length = getattr(getattr(model.text_model, "config", None), "max_position_embeddings", None)
@@ -147,12 +164,12 @@ class ConceptPool:
 
 
 def _known_texts(tokenizer, texts: list[str]) -> tuple[list[str], list[str]]:
-    """Split texts into those with at least one token the tokenizer knows and the rest."""
+    """Split texts into those the tokenizer encodes without its unknown token and the rest."""
     unk = getattr(tokenizer, "unk_token_id", None)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     kept, dropped = [], []
     for text, tokens in zip(texts, ids, strict=True):
-        (kept if any(t != unk for t in tokens) else dropped).append(text)
+        (kept if tokens and unk not in tokens else dropped).append(text)
     return kept, dropped
 
 

@@ -193,8 +193,8 @@ def write_report(
         ]
         if analysis.pool_dropped:
             md += [
-                f"{len(analysis.pool_dropped)} descriptions were dropped because the tokenizer knows none of "
-                f"their words (e.g. {', '.join(repr(t) for t in analysis.pool_dropped[:5])}).",
+                f"{len(analysis.pool_dropped)} descriptions were left out because the tokenizer does not know "
+                f"one of their words (e.g. {', '.join(repr(t) for t in analysis.pool_dropped[:5])}).",
                 "",
             ]
         rows = [

@@ -37,7 +37,7 @@ class AdapterAnalysis:
         directions: the most amplified and damped singular directions of the described blocks'
             output projections and fc2, each named by its nearest descriptions.
         pool: descriptions used (empty when no tokenizer was given).
-        pool_dropped: descriptions left out because the tokenizer knows none of their words.
+        pool_dropped: descriptions left out because the tokenizer does not know one of their words.
         meta: free-form facts for the report (base model, adapter path, adapter name).
     """
 

@@ -1,0 +1,101 @@
+"""The `peft-svd` command (peft_svd.cli)."""
+
+import json
+
+import pytest
+import torch
+from peft import get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+
+import peft_svd
+from peft_svd.cli import main
+
+WORDS = ["a", "red", "blue", "car", "boat", "striped", "fur", "dog", "photo", "of"]
+
+
+def _save_base(path):
+    """A tiny CLIP and a word-level tokenizer saved like a hub checkpoint."""
+    vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3} | {w: i + 4 for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    ).save_pretrained(path)
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(
+        text_config=dict(
+            common,
+            vocab_size=len(vocab),
+            max_position_embeddings=16,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+        ),
+        vision_config=dict(common, image_size=16, patch_size=8),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    _save_base(root / "base")
+    model = get_peft_model(CLIPModel.from_pretrained(root / "base"), peft_svd.SVDConfig(init_weights=False))
+    model.save_pretrained(root / "adapter")
+    return root
+
+
+def test_analyze_writes_the_report_and_figures(adapter, tmp_path, capsys):
+    (tmp_path / "classes.txt").write_text("red car\nblue boat\n")
+    status = main(
+        ["analyze", str(adapter / "adapter"), "--base", str(adapter / "base"), "--out", str(tmp_path / "report"),
+         "--classes", str(tmp_path / "classes.txt"), "--blocks", "1"]
+    )  # fmt: skip
+    assert status == 0
+    files = {p.name for p in (tmp_path / "report").iterdir()}
+    assert files == {
+        "report.md",
+        "analysis.json",
+        "heatmap_vision.png",
+        "heatmap_text.png",
+        "spectra.png",
+        "heads.png",
+    }
+    report = (tmp_path / "report" / "report.md").read_text()
+    for section in (
+        "## Summary",
+        "## Attention heads",
+        "## Concepts written by the later blocks",
+        "heads.png",
+    ):
+        assert section in report
+    data = json.loads((tmp_path / "report" / "analysis.json").read_text())
+    # The class prompts joined the pool; descriptions with no known word were dropped, not encoded.
+    assert "a photo of a red car." in report or "a photo of a red car." in json.dumps(data)
+    assert data["pool_size"] >= 2 and len(data["pool_dropped"]) > 0
+    assert {e["block"] for e in data["concepts"]} == {1}
+    printed = capsys.readouterr().out
+    assert printed.startswith("The adapter changed")
+
+
+def test_analyze_reads_the_base_model_from_the_adapter_config(adapter, tmp_path):
+    config = json.loads((adapter / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(adapter / "base")
+    assert (
+        main(["analyze", str(adapter / "adapter"), "--out", str(tmp_path / "r"), "--default-pool", "none"])
+        == 0
+    )
+    data = json.loads((tmp_path / "r" / "analysis.json").read_text())
+    assert data["pool_size"] == 0 and data["concepts"] == []  # no descriptions asked for
+    assert data["heads"][0]["relative_change"] > 0
+
+
+def test_analyze_rejects_a_folder_without_an_adapter(tmp_path):
+    with pytest.raises(SystemExit, match="not an adapter folder"):
+        main(["analyze", str(tmp_path), "--out", str(tmp_path / "r")])
