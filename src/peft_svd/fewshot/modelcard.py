@@ -33,6 +33,12 @@ def _result_rows(results: dict) -> list[str]:
     return rows
 
 
+def results_table(results: dict) -> str:
+    """Returns the `results` of results.json as a Markdown table: dataset, classes, zero-shot and
+    adapted top-1 accuracy (%)."""
+    return "\n".join(["| dataset | classes | zero-shot | adapted |", "|---|---|---|---|", *_result_rows(results)])
+
+
 def model_card(summary: dict) -> str:
     """Returns the text of README.md for an adapter, from the `results.json` summary written by
     examples/fewshot.py (keys: model, dataset, protocol, shots, seed, template, recipe, training,
@@ -78,9 +84,7 @@ def model_card(summary: dict) -> str:
         "",
         "Top-1 accuracy (%) with one prompt per class; zero-shot is the base model without the adapter.",
         "",
-        "| dataset | classes | zero-shot | adapted |",
-        "|---|---|---|---|",
-        *_result_rows(summary["results"]),
+        results_table(summary["results"]),
         "",
         "## Use",
         "",

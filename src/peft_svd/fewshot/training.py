@@ -121,11 +121,13 @@ class PromptClassifier(torch.nn.Module):
         model: a CLIP-style model (usually a PeftModel around CLIPModel).
         prompt_tokens: `{"input_ids", "attention_mask"}` of shape (classes, tokens), padded to
             the longest prompt (see `zeroshot.tokenize_prompts`).
-        shard_prompts: with several processes, encode only this process's share of the prompts
-            and all-gather the features (with gradients).
+        shard_prompts: encode only this process's share of the prompts and all-gather the
+            features (with gradients). Only for data-parallel training over all processes of
+            the default process group (`accelerator.num_processes > 1`); ignored when
+            torch.distributed is not initialised.
     """
 
-    def __init__(self, model, prompt_tokens: dict[str, torch.Tensor], *, shard_prompts: bool = True):
+    def __init__(self, model, prompt_tokens: dict[str, torch.Tensor], *, shard_prompts: bool = False):
         super().__init__()
         check_dual_encoder(model)
         self.model = model

@@ -5,8 +5,9 @@ Loaded by path so that it works without the Hub:
 """
 
 import datasets
-import evaluate
 import numpy as np
+
+import evaluate
 
 _DESCRIPTION = """
 Top-1 accuracy and mean per-class accuracy, both in percent (0-100), the units the few-shot CLIP
