@@ -1,6 +1,7 @@
 """The `peft-svd` command (peft_svd.cli)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 import peft_svd
 from peft_svd.cli import main
 
-WORDS = ["a", "red", "blue", "car", "boat", "striped", "fur", "dog", "photo", "of"]
+WORDS = ["a", "red", "blue", "car", "boat", "striped", "fur", "dog", "photo", "of", "."]
 
 
 def _save_base(path):
@@ -94,6 +95,16 @@ def test_analyze_reads_the_base_model_from_the_adapter_config(adapter, tmp_path)
     data = json.loads((tmp_path / "r" / "analysis.json").read_text())
     assert data["pool_size"] == 0 and data["concepts"] == []  # no descriptions asked for
     assert data["heads"][0]["relative_change"] > 0
+
+
+def test_analyze_takes_template_and_classes_from_the_runs_results_json(adapter, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(adapter / "adapter", run)
+    (run / "results.json").write_text(json.dumps({"template": "a {} boat.", "class_names": ["red", "blue"]}))
+    assert main(["analyze", str(run), "--out", str(tmp_path / "r"), "--default-pool", "none"]) == 0
+    data = json.loads((tmp_path / "r" / "analysis.json").read_text())
+    assert data["pool_size"] == 2
+    assert {t for e in data["concepts"] for t, _ in e["writes"]} <= {"a red boat.", "a blue boat."}
 
 
 def test_analyze_rejects_a_folder_without_an_adapter(tmp_path):

@@ -61,6 +61,16 @@ def _class_names(value: str | None) -> list[str]:
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
+def _read_run(adapter_dir: Path) -> dict:
+    """The few-shot workflow's results.json next to the adapter, or {}."""
+    path = adapter_dir / "results.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _analyze(args: argparse.Namespace) -> int:
     import torch
     from peft import PeftModel
@@ -87,7 +97,12 @@ def _analyze(args: argparse.Namespace) -> int:
     descriptions: list[str] = [] if pool == "none" else default_descriptions(pool)
     for pool_file in args.pool:
         descriptions += read_descriptions(pool_file)
-    descriptions += [args.template.format(name) for name in _class_names(args.classes)]
+    # The few-shot workflow's results.json names the prompt template (and class names, when
+    # it records them); flags given on the command line win.
+    run = _read_run(adapter_dir)
+    template = args.template or run.get("template") or "a photo of a {}."
+    class_names = _class_names(args.classes) if args.classes else [str(c) for c in run.get("class_names", [])]
+    descriptions += [template.format(name) for name in class_names]
 
     tokenizer = None
     if descriptions:
@@ -165,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument(
         "--template",
-        default="a photo of a {}.",
-        help="prompt template for class names (default: 'a photo of a {}.')",
+        default=None,
+        help="prompt template for class names (default: the template in the adapter's results.json, "
+        "else 'a photo of a {}.')",
     )
     analyze.add_argument(
         "--blocks", type=int, default=4, help="last image-encoder blocks to describe (default 4)"
