@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .describe import ConceptPool, concept_change, concept_energy, joint_space_map, name_directions
+from .describe import ConceptPool, concept_change, joint_space_map, name_directions
 from .heads import HeadChange, attention_head_changes, head_shares
 from .spectral import LayerChange, spectral_change, summarize
 
@@ -294,6 +294,7 @@ def analyze_adapter(
     pool = encode_pool(model, tokenizer, descriptions)
     analysis.pool, analysis.pool_dropped = pool.texts, pool.dropped
     joint = joint_space_map(norm, projection)
+    readout = pool.embeddings @ joint  # (N, hidden): t^T M for every description
     blocks = list(tower.encoder.layers)
     first = max(0, len(blocks) - describe_blocks)
     by_name = {(c.encoder, c.block, c.module): c for c in layers}
@@ -308,20 +309,23 @@ def analyze_adapter(
         head_dim = w_o.shape[1] // num_heads
 
         where = {"encoder": describe_encoder, "block": index}
+        # concept_energy(pool, joint, *write) computed with shared products: readout @ W_O once
+        # for all heads of the block.
+        read_o, read_o_adapted = readout @ w_o, readout @ w_o_adapted  # (N, heads * head_dim)
         # A head writes W_O[:, h] W_V[h, :] applied to the attention-weighted tokens: its OV circuit.
         for h in range(num_heads):
             cols = slice(h * head_dim, (h + 1) * head_dim)
-            before = concept_energy(pool, joint, w_o[:, cols], w_v[cols, :])
-            after = concept_energy(pool, joint, w_o_adapted[:, cols], w_v_adapted[cols, :])
+            before = (read_o[:, cols] @ w_v[cols, :]).square().sum(-1)
+            after = (read_o_adapted[:, cols] @ w_v_adapted[cols, :]).square().sum(-1)
             analysis.concepts.append(
                 where | {"head": h, "part": "head"} | _concept_entry(pool.texts, before, after, top_k)
             )
-        before = concept_energy(pool, joint, w_o, w_v)
-        after = concept_energy(pool, joint, w_o_adapted, w_v_adapted)
+        before = (read_o @ w_v).square().sum(-1)
+        after = (read_o_adapted @ w_v_adapted).square().sum(-1)
         analysis.concepts.append(
             where | {"head": None, "part": "attention"} | _concept_entry(pool.texts, before, after, top_k)
         )
-        before, after = concept_energy(pool, joint, w_2), concept_energy(pool, joint, w_2_adapted)
+        before, after = (readout @ w_2).square().sum(-1), (readout @ w_2_adapted).square().sum(-1)
         analysis.concepts.append(
             where | {"head": None, "part": "mlp"} | _concept_entry(pool.texts, before, after, top_k)
         )
