@@ -82,23 +82,14 @@ class AdapterAnalysis:
             f"({100 * top.relative_change:.2f}%, {_direction_word(top.gain)}); by module type, the "
             f"{_encoder_word(menc)}'s {mmod} layers changed most ({100 * mstat['relative_change']:.2f}%)."
         )
-        if self.heads and self.heads[0].relative_change > 0:
-            head = self.heads[0]
-            sentence = (
-                f"The most changed attention head is {_where(head.encoder, head.block)} head {head.head} "
-                f"({100 * head.relative_change:.2f}%, {_direction_word(head.gain)})"
-            )
-            entry = self.head_concepts(head)
-            if entry is not None:
-                sentence += f"; it writes mostly {_quote(entry['writes'])}"
-                changes = []
-                if entry["amplified"]:
-                    changes.append(f"amplified {_quote(entry['amplified'])}")
-                if entry["damped"]:
-                    changes.append(f"damped {_quote(entry['damped'])}")
-                if changes:
-                    sentence += "; the adapter " + " and ".join(changes)
-            lines.append(sentence + ".")
+        moved = [h for h in self.heads if h.relative_change > 0]
+        if moved:
+            lines.append(self._head_sentence(moved[0], "The most changed attention head"))
+            described = [h for h in moved if self.head_concepts(h) is not None]
+            if described and self.head_concepts(moved[0]) is None:
+                lines.append(
+                    self._head_sentence(described[0], "Among the described blocks, the most changed head")
+                )
         pathways = [e for e in self.concepts if e["part"] in ("attention", "mlp")]
         if pathways:
             # The pathway whose concepts moved most, measured by its largest score.
@@ -115,6 +106,23 @@ class AdapterAnalysis:
                 where = _where(entry["encoder"], entry["block"])
                 lines.append(f"In {where}, the {name} output moved " + " and ".join(moves) + ".")
         return lines
+
+    def _head_sentence(self, head: HeadChange, opening: str) -> str:
+        sentence = (
+            f"{opening} is {_where(head.encoder, head.block)} head {head.head} "
+            f"({100 * head.relative_change:.2f}%, {_direction_word(head.gain)})"
+        )
+        entry = self.head_concepts(head)
+        if entry is not None:
+            sentence += f"; it writes mostly {_quote(entry['writes'])}"
+            changes = []
+            if entry["amplified"]:
+                changes.append(f"amplified {_quote(entry['amplified'])}")
+            if entry["damped"]:
+                changes.append(f"damped {_quote(entry['damped'])}")
+            if changes:
+                sentence += "; the adapter " + " and ".join(changes)
+        return sentence + "."
 
     def to_dict(self) -> dict:
         """JSON-ready numbers of the whole analysis."""
