@@ -196,3 +196,17 @@ def test_non_linear_target_raises_type_error_naming_it():
 
     with pytest.raises(TypeError, match=r"'conv' is a Conv1d"):
         get_peft_model(WithConv(), peft_svd.SVDConfig(target_modules=["conv", "lin"]))
+
+
+def test_factors_are_not_buffers_and_stay_float32_when_the_model_is_cast():
+    model = _adapted()
+    layer = model.base_model.model.lin0
+    # not in named_buffers: DDP would broadcast them every step, and they are not saved
+    assert not any("svd_U" in n or "svd_Vh" in n or "svd_S" in n for n, _ in model.named_buffers())
+    assert not any("svd_U" in k or "svd_Vh" in k for k in model.state_dict())
+    model.to(torch.bfloat16)
+    assert layer.get_base_layer().weight.dtype == torch.bfloat16
+    assert layer.svd_U.dtype == layer.svd_S.dtype == layer.svd_Vh.dtype == torch.float32
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 10, dtype=torch.bfloat16)).dtype == torch.bfloat16

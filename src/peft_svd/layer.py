@@ -19,9 +19,9 @@ from .factorization import Factors, rank_of
 class SVDLayer(BaseTunerLayer):
     """Singular-value adapter of one linear layer.
 
-    The base weight is factorized once, `W = U diag(S) Vh` (the frozen, non-persistent buffers
+    The base weight is factorized once, `W = U diag(S) Vh` (the frozen float32 tensors
     `svd_U` `(out, R)`, `svd_S` `(R,)`, `svd_Vh` `(R, in)`, shared by every adapter of this
-    layer). An adapter is the vector `svd_delta[name]` `(R,)`: the change of the singular values,
+    layer and recomputed from the base weight rather than saved). An adapter is the vector `svd_delta[name]` `(R,)`: the change of the singular values,
     so that the adapted weight is `W + U diag(delta) Vh`. Each adapter also stores
     `svd_fingerprint[name]`, a few numbers computed from the base weight it was created on, which
     are checked when the adapter is loaded onto another model.
@@ -35,9 +35,12 @@ class SVDLayer(BaseTunerLayer):
         self.svd_delta = nn.ParameterDict({})
         # int64 so that model.half() / .to(dtype) never round the stored float64 values
         self.svd_fingerprint = BufferDict({}, persistent=True)
-        self.register_buffer("svd_U", None, persistent=False)
-        self.register_buffer("svd_S", None, persistent=False)
-        self.register_buffer("svd_Vh", None, persistent=False)
+        # Plain tensor attributes, not buffers: they never enter a state dict, DDP does not
+        # broadcast them every step and FSDP does not shard them; `_apply` moves them with the
+        # module (keeping float32).
+        self.svd_U: Optional[torch.Tensor] = None
+        self.svd_S: Optional[torch.Tensor] = None
+        self.svd_Vh: Optional[torch.Tensor] = None
         self._disable_adapters = False
         self.merged_adapters = []
         self.forward_mode = "auto"
@@ -222,6 +225,14 @@ def fingerprints_match(saved: torch.Tensor, current: torch.Tensor) -> bool:
     return bool(((a[:-1] - b[:-1]).abs() <= tol).all())
 
 
+def _use_factored_for(tokens: int, out_features: int, in_features: int, rank: int) -> bool:
+    """Whether the factored form costs fewer multiply-adds than the merged one for a training call."""
+    # forward + backward (DESIGN.md section 2); merged recomputes W' in backward
+    factored = 2 * tokens * rank * (in_features + out_features)
+    merged = 3 * tokens * in_features * out_features + 3 * rank * in_features * out_features
+    return factored <= merged
+
+
 class _MergedSVDLinear(torch.autograd.Function):
     """`y = x (W + U diag(d) Vh)^T + b` with a gradient for `d` only (and `x`).
 
@@ -278,6 +289,17 @@ class Linear(nn.Module, SVDLayer):
         SVDLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, out_splits=out_splits)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in ("svd_U", "svd_S", "svd_Vh"):
+            t = getattr(self, name)
+            if t is not None:
+                moved = fn(t)
+                # follow device moves, but keep float32 under .half() / .to(dtype)
+                setattr(self, name, moved if moved.dtype == t.dtype else t.to(moved.device))
+        self._weight_cache = None
+        return self
 
     def train(self, mode: bool = True):
         # the cached effective weight is only useful between parameter updates
@@ -341,11 +363,7 @@ class Linear(nn.Module, SVDLayer):
     def _use_factored(self, tokens: int) -> bool:
         if self.forward_mode != "auto":
             return self.forward_mode == "factored"
-        r, i, o = self.rank, self.in_features, self.out_features
-        # multiply-adds of forward + backward (DESIGN.md section 2); merged recomputes W' in backward
-        factored = 2 * tokens * r * (i + o)
-        merged = 3 * tokens * i * o + 3 * r * i * o
-        return factored <= merged
+        return _use_factored_for(tokens, self.out_features, self.in_features, self.rank)
 
     def _adapted_forward(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Output with gradients flowing to `delta` (and `x`)."""
