@@ -11,6 +11,7 @@ One command on one CPU, one GPU or many GPUs:
 Trains on K images per class, evaluates on the test split (zero-shot and adapted accuracy), and
 writes the adapter, results.json and a model card (README.md) to --output-dir.
 """
+# ruff: noqa: E402  (the import path is fixed before the imports, see below)
 
 import argparse
 import logging
@@ -19,6 +20,11 @@ import shlex
 import sys
 import time
 import warnings
+
+# examples/evaluate.py shares its name with the `evaluate` library that scores the predictions:
+# keep this folder off the import path so that `import evaluate` finds the library.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
@@ -296,18 +302,19 @@ def main(argv=None):
 
 
 def push(peft_model, output_dir: str, args) -> None:
-    """Uploads the adapter with PEFT's push_to_hub, then the model card and results.json (PEFT's
-    upload writes a generic card of its own)."""
-    from huggingface_hub import HfApi
+    """Uploads the adapter with PEFT's push_to_hub, then the model card and results.json in a
+    second commit (push_to_hub writes a generic card of its own)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(token=args.hub_token)
     name = args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
-    # create_repo resolves a bare name to <user>/<name>; both uploads use the full id.
+    # create_repo resolves a bare name to <user>/<name>; both commits use the full id.
     repo_id = api.create_repo(name, private=args.hub_private or None, exist_ok=True).repo_id
     peft_model.push_to_hub(repo_id, token=args.hub_token, private=args.hub_private or None,
                            commit_message="Add CLIP-SVD adapter")
-    api.upload_folder(
-        repo_id=repo_id, folder_path=output_dir, allow_patterns=["README.md", "results.json"],
+    api.create_commit(
+        repo_id=repo_id,
+        operations=[CommitOperationAdd(path_in_repo=f, path_or_fileobj=os.path.join(output_dir, f)) for f in ("README.md", "results.json")],
         commit_message="Add model card and results",
     )
     print(f"pushed to https://huggingface.co/{repo_id}")

@@ -1,0 +1,33 @@
+"""Fixtures of the few-shot tests: a tiny CLIP folder and a tiny imagefolder, built once."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for tiny_models
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from tiny_fewshot import write_imagefolder, write_tiny_clip  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    return write_tiny_clip(str(tmp_path_factory.mktemp("tiny-clip")))
+
+
+@pytest.fixture(scope="session")
+def colors_dir(tmp_path_factory):
+    return write_imagefolder(str(tmp_path_factory.mktemp("colors")))
+
+
+@pytest.fixture
+def tiny_parts(tiny_clip_dir):
+    """(CLIPModel, tokenizer, image processor) freshly loaded from the tiny CLIP folder."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    return (
+        AutoModel.from_pretrained(tiny_clip_dir),
+        AutoTokenizer.from_pretrained(tiny_clip_dir),
+        AutoImageProcessor.from_pretrained(tiny_clip_dir),
+    )

@@ -1,0 +1,303 @@
+"""End-to-end checks of examples/fewshot.py and examples/evaluate.py on a tiny CLIP and a tiny
+imagefolder: one process against two (accelerate launch), a run killed mid-way and resumed
+against an uninterrupted one, the outputs, publishing, and the errors on bad input.
+
+Tolerance: the singular-value changes of two runs that should agree may differ by float rounding
+only; we require max |difference| <= 1e-6 while the changes themselves reach ~1e-3 (lr 5e-4).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_fewshot import write_imagefolder, write_tiny_clip
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "examples", "fewshot.py")
+EVALUATE = os.path.join(ROOT, "examples", "evaluate.py")
+TOLERANCE = 1e-6
+
+
+def _load_example(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def fewshot():
+    return _load_example(SCRIPT, "fewshot_example")
+
+
+@pytest.fixture(scope="module")
+def evaluate_example():
+    return _load_example(EVALUATE, "evaluate_example")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    # Each in-process run creates its own Accelerator; accelerate keeps process-wide state.
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _run_args(model_dir, data_dir, output_dir, *extra):
+    # 5 classes x 4 shots = 20 images; 3 steps per shot = 12 steps of 8 images.
+    return [
+        "--model", model_dir, "--dataset", data_dir, "--shots", "4", "--seed", "3", "--iters-per-shot", "3",
+        "--batch-size", "8", "--checkpointing-steps", "4", "--output-dir", output_dir, *extra,
+    ]
+
+
+def _deltas(output_dir):
+    state = load_file(os.path.join(output_dir, "adapter_model.safetensors"))
+    return {k: v for k, v in state.items() if k.endswith("svd_delta")}
+
+
+def _max_difference(a, b):
+    assert a.keys() == b.keys() and a
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _env():
+    src = os.path.join(ROOT, "src")
+    return {
+        **os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(fewshot, tiny_clip_dir, colors_dir, tmp_path_factory):
+    """An uninterrupted one-process run, in this process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    out = str(tmp_path_factory.mktemp("runs") / "reference")
+    fewshot.main(_run_args(tiny_clip_dir, colors_dir, out))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return out
+
+
+def test_outputs_adapter_results_and_model_card(reference, tiny_clip_dir):
+    files = set(os.listdir(reference))
+    assert {"adapter_model.safetensors", "adapter_config.json", "results.json", "README.md", "checkpoints"} <= files
+    results = json.load(open(os.path.join(reference, "results.json")))
+    assert results["shots"] == 4 and results["seed"] == 3 and results["train_images"] == 20
+    assert results["training"]["steps"] == 12 and results["training"]["num_processes"] == 1
+    assert results["recipe"]["lr"] == 5e-4 and results["recipe"]["weight_decay"] == 0.01
+    entry = results["results"][os.path.basename(os.path.normpath(results["dataset"]))]
+    assert entry["num_classes"] == 5 and entry["adapted"]["num_examples"] == 20
+    assert 0 <= entry["adapted"]["accuracy"] <= 100 and "accuracy" in entry["zero_shot"]
+    card = open(os.path.join(reference, "README.md")).read()
+    for text in (tiny_clip_dir, results["dataset"], "| shots per class | 4", "| seed | 3", "lr 0.0005", "12 iterations",
+                 f"{entry['adapted']['accuracy']:.2f}", "library_name: peft"):
+        assert text in card, text
+    assert max(v.abs().max().item() for v in _deltas(reference).values()) > 1e-4  # training moved the values
+    assert sorted(os.listdir(os.path.join(reference, "checkpoints"))) == ["step_4", "step_8"]
+
+
+def test_saved_adapter_evaluates_to_the_reported_accuracy(reference, evaluate_example, colors_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    evaluate_example.main(["--adapter", reference, "--dataset", colors_dir, "--output", str(out)])
+    reported = json.load(open(os.path.join(reference, "results.json")))["results"]
+    evaluated = json.load(open(out))["results"]
+    assert evaluated == reported
+
+
+def test_two_processes_give_the_adapter_of_one(reference, tiny_clip_dir, colors_dir, tmp_path):
+    """accelerate launch with 2 CPU processes, same global batch and seed (each process takes 4 of
+    the 8 images of a step and encodes 3 or 2 of the 5 prompts)."""
+    out = str(tmp_path / "two")
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT,
+    ]
+    # Without MPI, `accelerate launch --cpu` starts one process; torchrun plus ACCELERATE_USE_CPU starts two.
+    proc = subprocess.run(launch + _run_args(tiny_clip_dir, colors_dir, out), env={**_env(), "ACCELERATE_USE_CPU": "1"},
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["training"]["num_processes"] == 2
+    assert _max_difference(_deltas(out), _deltas(reference)) <= TOLERANCE
+    reference_results = json.load(open(os.path.join(reference, "results.json")))
+    assert results["training"]["mean_loss"] == pytest.approx(reference_results["training"]["mean_loss"], abs=1e-5)
+
+
+_KILL_AT_STEP = """
+import os, runpy, signal, sys
+import torch
+
+calls = 0
+step = torch.optim.AdamW.step
+
+def step_then_die(self, *args, **kwargs):
+    global calls
+    calls += 1
+    if calls == {kill_at}:  # killed inside step {kill_at}, before its update: no cleanup runs
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, *args, **kwargs)
+
+torch.optim.AdamW.step = step_then_die
+sys.argv = [{script!r}, *{args!r}]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_killed_run_resumes_to_the_adapter_of_an_uninterrupted_one(fewshot, reference, tiny_clip_dir, colors_dir, tmp_path):
+    out = str(tmp_path / "killed")
+    args = _run_args(tiny_clip_dir, colors_dir, out)
+    driver = tmp_path / "kill.py"
+    driver.write_text(textwrap.dedent(_KILL_AT_STEP.format(kill_at=7, script=SCRIPT, args=args)))
+    proc = subprocess.run([sys.executable, str(driver)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-4000:]
+    assert not os.path.exists(os.path.join(out, "adapter_model.safetensors"))
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_4"]
+
+    fewshot.main(args + ["--resume-from-checkpoint", "latest"])
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["training"]["resumed_from_step"] == 4 and results["training"]["steps"] == 12
+    assert _max_difference(_deltas(out), _deltas(reference)) <= TOLERANCE
+
+
+def test_gradient_accumulation_gives_the_adapter_of_one_batch(fewshot, reference, tiny_clip_dir, colors_dir, tmp_path):
+    out = str(tmp_path / "accumulated")
+    fewshot.main(_run_args(tiny_clip_dir, colors_dir, out, "--gradient-accumulation-steps", "2"))
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["training"]["steps"] == 12
+    assert _max_difference(_deltas(out), _deltas(reference)) <= TOLERANCE
+
+
+def test_resume_with_other_settings_is_refused(fewshot, reference, tiny_clip_dir, colors_dir):
+    args = _run_args(tiny_clip_dir, colors_dir, reference)
+    args[args.index("--seed") + 1] = "4"
+    with pytest.raises(ValueError, match="seed: checkpoint 3, now 4"):
+        fewshot.main(args + ["--resume-from-checkpoint", "latest"])
+
+
+def test_existing_output_directory_is_not_overwritten(fewshot, reference, tiny_clip_dir, colors_dir):
+    before = {f: os.path.getmtime(os.path.join(reference, f)) for f in os.listdir(reference)}
+    with pytest.raises(SystemExit, match="exists and is not empty.*--overwrite-output-dir"):
+        fewshot.main(_run_args(tiny_clip_dir, colors_dir, reference))
+    assert before == {f: os.path.getmtime(os.path.join(reference, f)) for f in os.listdir(reference)}
+
+
+def test_base_to_novel_and_cross_dataset(fewshot, tiny_clip_dir, colors_dir, tmp_path):
+    other = write_imagefolder(str(tmp_path / "other"), train_per_class=1, test_per_class=3, classes=("red", "white"))
+    out = str(tmp_path / "b2n")
+    fewshot.main([
+        "--model", tiny_clip_dir, "--dataset", colors_dir, "--protocol", "base-to-novel", "--shots", "2",
+        "--max-steps", "2", "--batch-size", "4", "--output-dir", out, "--eval-datasets", other,
+    ])
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["classes_trained"] == 3 and results["train_images"] == 6
+    entry = results["results"][os.path.basename(colors_dir)]
+    assert (entry["base"]["num_classes"], entry["novel"]["num_classes"]) == (3, 2)
+    for key in ("adapted", "zero_shot"):
+        base, novel = entry["base"][key]["accuracy"], entry["novel"][key]["accuracy"]
+        expected = 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
+        assert entry["harmonic_mean"][key] == pytest.approx(expected)
+    assert results["results"]["other"]["num_classes"] == 2
+    assert results["results"]["other"]["adapted"]["num_examples"] == 6
+    assert "harmonic mean" in open(os.path.join(out, "README.md")).read()
+
+
+class _HubRecorder:
+    """Stands in for the Hub: records repository creations and commits."""
+
+    def __init__(self):
+        self.calls = []
+
+    def install(self, monkeypatch):
+        import huggingface_hub
+        from huggingface_hub.errors import EntryNotFoundError
+
+        recorder = self
+
+        def create_repo(self, repo_id, **kwargs):
+            recorder.calls.append(("create_repo", repo_id))
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
+            files = {}
+            for op in operations:
+                source = op.path_or_fileobj
+                files[op.path_in_repo] = open(source, "rb").read() if isinstance(source, str) else bytes(source)
+            recorder.calls.append(("create_commit", repo_id, commit_message, files))
+
+        def no_remote_card(*args, **kwargs):
+            raise EntryNotFoundError("no README.md on the (recorded) Hub")
+
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", lambda *a, **k: None)
+        monkeypatch.setattr(huggingface_hub.ModelCard, "load", classmethod(no_remote_card))
+        return self
+
+
+def test_push_to_hub_uploads_adapter_then_model_card(fewshot, tiny_clip_dir, colors_dir, tmp_path, monkeypatch):
+    hub = _HubRecorder().install(monkeypatch)
+    out = str(tmp_path / "pushed")
+    fewshot.main(["--model", tiny_clip_dir, "--dataset", colors_dir, "--shots", "1", "--max-steps", "1", "--batch-size", "4",
+                  "--skip-zero-shot", "--output-dir", out, "--push-to-hub", "--hub-model-id", "someone/clip-svd-colors"])
+    commits = [c for c in hub.calls if c[0] == "create_commit"]
+    assert ("create_repo", "someone/clip-svd-colors") in hub.calls
+    assert len(commits) == 2 and all(c[1] == "someone/clip-svd-colors" for c in commits)
+    adapter_files = commits[0][3]
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(adapter_files)
+    assert adapter_files["adapter_model.safetensors"] == open(os.path.join(out, "adapter_model.safetensors"), "rb").read()
+    card_files = commits[1][3]
+    assert set(card_files) == {"README.md", "results.json"}
+    assert b"CLIP-SVD adapter" in card_files["README.md"] and b"| shots per class | 1" in card_files["README.md"]
+
+
+def test_template_without_placeholder_is_refused_before_anything_loads(fewshot, capsys):
+    with pytest.raises(SystemExit) as exc:
+        fewshot.main(["--template", "a photo of a thing."])
+    assert exc.value.code == 2
+    assert "must contain exactly one '{}'" in capsys.readouterr().err
+
+
+def test_unlabelled_dataset_is_refused_before_the_model_loads(fewshot, tiny_clip_dir, tmp_path, monkeypatch):
+    import datasets
+    from PIL import Image
+
+    path = str(tmp_path / "unlabelled")
+    ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 2}, features=datasets.Features({"image": datasets.Image()}))
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(path)
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the dataset was checked")
+
+    monkeypatch.setattr(fewshot.AutoModel, "from_pretrained", must_not_load)
+    with pytest.raises(ValueError, match="no label column"):
+        fewshot.main(["--model", tiny_clip_dir, "--dataset", path, "--output-dir", str(tmp_path / "out")])
+
+
+def test_adapter_of_another_base_model_is_refused_with_the_right_base(reference, evaluate_example, colors_dir, tmp_path):
+    other = write_tiny_clip(str(tmp_path / "other-clip"), seed=5)
+    with pytest.raises(SystemExit, match=r"cannot be loaded onto base model .*other-clip.*different base model.*trained on"):
+        evaluate_example.main(["--adapter", reference, "--model", other, "--dataset", colors_dir])
+
+
+def test_launched_processes_that_accelerate_does_not_join_are_refused(fewshot, tiny_clip_dir, colors_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun on a CPU machine without ACCELERATE_USE_CPU
+    with pytest.raises(SystemExit, match="2 processes were launched but Accelerate runs 1.*ACCELERATE_USE_CPU=1"):
+        fewshot.main(_run_args(tiny_clip_dir, colors_dir, str(tmp_path / "x")))
+
+
+def test_delta_tolerance_is_meaningful(reference):
+    # The comparisons above are only informative if a run differs from the untrained adapter by
+    # much more than the tolerance.
+    deltas = _deltas(reference)
+    assert _max_difference(deltas, {k: torch.zeros_like(v) for k, v in deltas.items()}) > 100 * TOLERANCE
