@@ -399,3 +399,27 @@ def test_loading_without_import_fails_with_key_error_documented(tmp_path):
     script = f"import peft_svd; from peft import PeftConfig; print(type(PeftConfig.from_pretrained({str(tmp_path)!r})).__name__)"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "SVDConfig"
+
+
+def test_push_to_hub_uploads_the_adapter_through_peft(monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        files = {op.path_in_repo: open(op.path_or_fileobj, "rb").read() for op in operations}
+        calls.append(("create_commit", repo_id, files))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
+    model = get_peft_model(tiny_clip(), SVDConfig())
+    model.push_to_hub("me/clip-svd-test")
+    commits = [c for c in calls if c[0] == "create_commit"]
+    assert commits and commits[0][1] == "me/clip-svd-test"
+    files = commits[0][2]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert json.loads(files["adapter_config.json"])["peft_type"] == "SVD"
