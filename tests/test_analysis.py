@@ -181,6 +181,17 @@ def test_pool_is_encoded_with_the_pretrained_text_encoder():
     reference = encode_pool(clip, tokenizer, POOL).embeddings
     model = get_peft_model(clip, peft_svd.SVDConfig(init_weights=False))  # a random, non-zero adapter
     torch.testing.assert_close(encode_pool(model, tokenizer, POOL).embeddings, reference)
+    # The adapter is active and trainable again afterwards, and does change the text embeddings.
+    layer = _layer(model, "text", 0, "q_proj")
+    assert not layer.disable_adapters and layer.svd_delta["default"].requires_grad
+    with torch.no_grad():
+        ids = tokenizer(POOL[:2], padding=True, return_tensors="pt")
+        adapted = model.get_text_features(**ids)
+        adapted = getattr(adapted, "pooler_output", adapted)
+        with model.disable_adapter():
+            plain = model.get_text_features(**ids)
+            plain = getattr(plain, "pooler_output", plain)
+    assert (adapted - plain).abs().max() > 1e-3
     # Texts with an unknown word are dropped, not encoded with the unknown token in its place.
     pool = encode_pool(model, tokenizer, POOL + ["zzz qqq", "a red zzz"])
     assert pool.dropped == ["zzz qqq", "a red zzz"] and len(pool.texts) == len(POOL)

@@ -230,18 +230,27 @@ def encode_pool(model: torch.nn.Module, tokenizer, texts: list[str], batch_size:
     """Encode descriptions with the model's pretrained text encoder, adapters disabled.
 
     Keeping the dictionary pretrained makes the names comparable across adapters: a concept is
-    the same point of the joint space whichever adapter is analysed.
+    the same point of the joint space whichever adapter is analysed. Works on a ``PeftModel`` and
+    on a model whose layers were injected directly; the adapters' enabled state, the trainability
+    of their parameters and the model's train/eval mode are restored afterwards.
     """
-    disable = getattr(model, "disable_adapter", None)
+    import peft_svd
+
     base = _base_model(model)
+    layers = [layer for _, layer in peft_svd.iter_svd_layers(base)]
+    disabled = [layer.disable_adapters for layer in layers]
+    trainable = [(p, p.requires_grad) for layer in layers for p in layer.svd_delta.values()]
     was_training = base.training
     base.eval()
     try:
-        if callable(disable):
-            with disable():
-                return ConceptPool.encode(base, tokenizer, texts, batch_size=batch_size)
+        for layer in layers:
+            layer.enable_adapters(False)
         return ConceptPool.encode(base, tokenizer, texts, batch_size=batch_size)
     finally:
+        for layer, was_disabled in zip(layers, disabled, strict=True):
+            layer.enable_adapters(not was_disabled)
+        for param, requires_grad in trainable:
+            param.requires_grad_(requires_grad)
         base.train(was_training)
 
 
