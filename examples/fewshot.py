@@ -176,7 +176,7 @@ def main(argv=None):
     class_names = fsdata.parse_class_names(args.class_names)
     data = fsdata.load_image_classification(
         dataset_source, image_column=args.image_column, label_column=args.label_column,
-        class_names=class_names, config_name=args.dataset_config, seed=args.seed,
+        class_names=class_names, config_name=args.dataset_config,
     )
     template = args.template or data.template or templates.template_for(data.name)
     templates.check_template(template)
@@ -199,7 +199,7 @@ def main(argv=None):
 
     eval_sets = []
     for source in args.eval_datasets:
-        other = fsdata.load_image_classification(source, seed=args.seed)
+        other = fsdata.load_image_classification(source)
         split, _ = other.split(None, purpose="evaluation", fallbacks=("test", "validation"))
         fsdata.check_labelled(other, split)
         eval_sets.append((other, split, other.template or templates.template_for(other.name)))
