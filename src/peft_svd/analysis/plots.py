@@ -114,28 +114,30 @@ def plot_top_heads(analysis: AdapterAnalysis, path: str | Path, n: int = 10) -> 
     heads = [h for h in analysis.heads if h.relative_change > 0][:n]
     if not heads:
         raise ValueError("No attention head changed (no adapted q/k/v/out projection moved).")
-    fig, ax = plt.subplots(figsize=(11, 0.62 * len(heads) + 1.4))
+    described = any(analysis.head_concepts(h) is not None for h in heads)
+    fig, ax = plt.subplots(figsize=(12 if described else 6, 0.75 * len(heads) + 1.4))
+    if described:  # leave the right part of the figure to the descriptions
+        fig.subplots_adjust(left=0.1, right=0.38)
     values = [100 * h.relative_change for h in heads]
     colors = ["tab:orange" if h.gain >= 0 else "tab:blue" for h in heads]
-    positions = range(len(heads))[::-1]
-    ax.barh(list(positions), values, color=colors)
-    ax.set_yticks(list(positions), [f"{h.encoder} b{h.block} h{h.head}" for h in heads])
-    ax.set_xlabel("relative change of the head's q/k/v/out slices (%)  [orange: amplified, blue: damped]")
+    positions = list(range(len(heads)))[::-1]
+    ax.barh(positions, values, color=colors)
+    ax.set_yticks(positions, [f"{h.encoder} b{h.block} h{h.head}" for h in heads])
+    ax.set_xlabel("relative change of q/k/v/out slices (%)\norange: amplified, blue: damped")
     ax.set_title("Most changed attention heads")
-    high = max(values) if values else 1.0
-    for pos, head, value in zip(positions, heads, values, strict=True):
+    for pos, head in zip(positions, heads, strict=True):
         entry = analysis.head_concepts(head)
         if entry is None:
             continue
-        label = f"writes: {_names(entry['writes'])}"
+        changes = []
         if entry["amplified"]:
-            label += f" | amplified: {_names(entry['amplified'])}"
+            changes.append(f"amplified: {_names(entry['amplified'])}")
         if entry["damped"]:
-            label += f" | damped: {_names(entry['damped'])}"
-        ax.text(value + 0.01 * high, pos, label, va="center", fontsize=7)
-    ax.set_xlim(0, 2.6 * high if high > 0 else 1.0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+            changes.append(f"damped: {_names(entry['damped'])}")
+        label = f"writes: {_names(entry['writes'])}\n" + ("; ".join(changes) or "no concept changed")
+        # x in axes coordinates (right of the plot), y in data coordinates (the bar).
+        ax.text(1.03, pos, label, va="center", fontsize=8, transform=ax.get_yaxis_transform())
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 
