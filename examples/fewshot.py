@@ -113,6 +113,11 @@ def parse_args(argv=None):
         p.error("--checkpointing-steps must be at least 1")
     if args.resume_from_checkpoint == "latest" and args.output_dir is None:
         p.error("--resume-from-checkpoint latest needs the --output-dir of the interrupted run")
+    if args.push_to_hub:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            p.error("--push-to-hub needs the Hub but HF_HUB_OFFLINE is set; unset it, or push later with the adapter folder")
     return args
 
 
@@ -242,7 +247,7 @@ def main(argv=None):
     # The loader batch is one micro-batch of all processes; Accelerate gives each process its slice.
     train_loader = torch.utils.data.DataLoader(
         train_set, sampler=order, batch_size=micro_batch * accelerator.num_processes, num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0, pin_memory=accelerator.device.type == "cuda",
     )
     classifier = training.PromptClassifier(
         model, tokenize_prompts(tokenizer, templates.build_prompts(train_names, template)),

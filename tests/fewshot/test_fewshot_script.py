@@ -132,6 +132,8 @@ def test_two_processes_give_the_adapter_of_one(reference, tiny_clip_dir, colors_
     assert _max_difference(_deltas(out), _deltas(reference)) <= TOLERANCE
     reference_results = json.load(open(os.path.join(reference, "results.json")))
     assert results["training"]["mean_loss"] == pytest.approx(reference_results["training"]["mean_loss"], abs=1e-5)
+    # Evaluation sharded over 2 processes scores every test image once (20 images, batches of 128).
+    assert results["results"] == reference_results["results"]
 
 
 _KILL_AT_STEP = """
@@ -246,6 +248,9 @@ class _HubRecorder:
 
 
 def test_push_to_hub_uploads_adapter_then_model_card(fewshot, tiny_clip_dir, colors_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the recorder is the Hub
     hub = _HubRecorder().install(monkeypatch)
     out = str(tmp_path / "pushed")
     fewshot.main(["--model", tiny_clip_dir, "--dataset", colors_dir, "--shots", "1", "--max-steps", "1", "--batch-size", "4",
@@ -259,6 +264,15 @@ def test_push_to_hub_uploads_adapter_then_model_card(fewshot, tiny_clip_dir, col
     card_files = commits[1][3]
     assert set(card_files) == {"README.md", "results.json"}
     assert b"CLIP-SVD adapter" in card_files["README.md"] and b"| shots per class | 1" in card_files["README.md"]
+
+
+def test_push_to_hub_offline_is_refused_before_training(fewshot, capsys, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit):
+        fewshot.main(["--push-to-hub", "--hub-model-id", "someone/x"])
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
 
 
 def test_template_without_placeholder_is_refused_before_anything_loads(fewshot, capsys):

@@ -320,7 +320,8 @@ def train(
     `(pixel_values, targets)` micro-batches, `gradient_accumulation_steps` per step, and holds
     exactly `num_steps` steps of data (see `data.FewShotOrder`). Each micro-batch: logits from
     `classifier`, cross-entropy, backward; the optimiser and the per-step cosine schedule advance
-    once per step. When `checkpointing_steps` is set the state is saved every that many steps
+    once per step. The progress bar (main process) shows the loss of this process's share of
+    the batch. When `checkpointing_steps` is set the state is saved every that many steps
     (not after the last: the final adapter is saved by the caller).
 
     Returns:
@@ -333,6 +334,7 @@ def train(
         total=num_steps, initial=start_step, desc="training", disable=not accelerator.is_local_main_process, dynamic_ncols=True
     )
     step, started = start_step, time.perf_counter()
+    report_every = max(1, num_steps // 100)
     step_loss = torch.zeros((), device=accelerator.device)
     loss_sum = torch.zeros((), device=accelerator.device)
     last_loss = torch.zeros((), device=accelerator.device)
@@ -352,7 +354,8 @@ def train(
         last_loss = step_loss
         step_loss = torch.zeros((), device=accelerator.device)
         progress.update(1)
-        progress.set_postfix(loss=f"{last_loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+        if step % report_every == 0 or step == num_steps:  # .item() waits for the device: not every step
+            progress.set_postfix(loss=f"{last_loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
         if checkpointing_steps and step % checkpointing_steps == 0 and step < num_steps:
             if checkpoint_root is None:
                 raise ValueError("checkpointing_steps needs checkpoint_root")
