@@ -85,10 +85,11 @@ def main(argv=None):
     class_names = fsdata.parse_class_names(args.class_names)
     sets = []
     for source in args.dataset:
-        data = fsdata.load_image_classification(
-            source, image_column=args.image_column, label_column=args.label_column,
-            class_names=class_names, config_name=args.dataset_config,
-        )
+        with accelerator.main_process_first():  # one process downloads or builds, the others read its cache
+            data = fsdata.load_image_classification(
+                source, image_column=args.image_column, label_column=args.label_column,
+                class_names=class_names, config_name=args.dataset_config,
+            )
         split, _ = data.split(args.test_split, purpose="evaluation", fallbacks=("test", "validation"))
         fsdata.check_labelled(data, split)
         sets.append((data, split, args.template or data.template or templates.template_for(data.name)))

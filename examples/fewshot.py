@@ -179,10 +179,11 @@ def main(argv=None):
         model_name = model_name or builtin.model_path()
         dataset_source = dataset_source or f"{fsdata.BUILTIN_PREFIX}{builtin.DEFAULT_DATASET}"
     class_names = fsdata.parse_class_names(args.class_names)
-    data = fsdata.load_image_classification(
-        dataset_source, image_column=args.image_column, label_column=args.label_column,
-        class_names=class_names, config_name=args.dataset_config,
-    )
+    with accelerator.main_process_first():  # one process downloads or builds, the others read its cache
+        data = fsdata.load_image_classification(
+            dataset_source, image_column=args.image_column, label_column=args.label_column,
+            class_names=class_names, config_name=args.dataset_config,
+        )
     template = args.template or data.template or templates.template_for(data.name)
     templates.check_template(template)
     train_split, _ = data.split(args.train_split, purpose="training", fallbacks=("train",))
@@ -204,7 +205,8 @@ def main(argv=None):
 
     eval_sets = []
     for source in args.eval_datasets:
-        other = fsdata.load_image_classification(source)
+        with accelerator.main_process_first():
+            other = fsdata.load_image_classification(source)
         split, _ = other.split(None, purpose="evaluation", fallbacks=("test", "validation"))
         fsdata.check_labelled(other, split)
         eval_sets.append((other, split, other.template or templates.template_for(other.name)))

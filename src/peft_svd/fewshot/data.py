@@ -135,7 +135,9 @@ def _open_splits(source: str, config_name: str | None, seed: int) -> tuple[datas
     return splits, source.split("/")[-1], None
 
 
-def _find_column(features: datasets.Features, given: str | None, kind: str, feature_type, names: Sequence[str], flag: str) -> str | None:
+def _find_column(features: datasets.Features, given: str | None, feature_type, names: Sequence[str], flag: str) -> str | None:
+    """Returns the column `given` (checked), else the first of type `feature_type`, else the
+    first of `names` present, else None."""
     if given is not None:
         if given not in features:
             raise ValueError(f"{flag} {given!r} is not a column of the dataset; columns: {list(features)}")
@@ -180,10 +182,10 @@ def load_image_classification(
     if not isinstance(splits, datasets.DatasetDict) or not splits:
         raise ValueError(f"dataset {source!r} has no splits")
     features = next(iter(splits.values())).features
-    image_col = _find_column(features, image_column, "image", datasets.Image, _IMAGE_COLUMN_NAMES, "--image-column")
+    image_col = _find_column(features, image_column, datasets.Image, _IMAGE_COLUMN_NAMES, "--image-column")
     if image_col is None:
         raise ValueError(f"dataset {source!r} has no image column (columns: {list(features)}); pass --image-column NAME")
-    label_col = _find_column(features, label_column, "label", datasets.ClassLabel, _LABEL_COLUMN_NAMES, "--label-column")
+    label_col = _find_column(features, label_column, datasets.ClassLabel, _LABEL_COLUMN_NAMES, "--label-column")
     if label_col is None or label_col == image_col:
         raise ValueError(
             f"dataset {source!r} has no label column (columns: {list(features)}); few-shot adaptation needs a "

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import EvalSet, ImageClassificationData, check_labelled, rows_of_classes
+from .data import EvalSet, ImageClassificationData, base_novel_classes, check_labelled, rows_of_classes
 from .zeroshot import encode_images, zero_shot_head
 
 METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "accuracy")
@@ -154,8 +154,6 @@ def evaluate_protocol(
         For "base-to-novel": `{"base": ..., "novel": ..., "harmonic_mean": {"adapted": hm,
         "zero_shot": hm}}` with accuracies in percent.
     """
-    from .data import base_novel_classes
-
     if classes == "base-to-novel":
         out = {
             half: evaluate_protocol(
