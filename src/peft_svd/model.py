@@ -7,12 +7,15 @@ from contextlib import contextmanager
 from functools import partial
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, NoMatchingPeftModuleError
+from peft.utils import _get_submodules
 from torch import nn
 
 from ._registry import PREFIX
 from .config import SVDConfig
 from .factorization import factorize_cached
 from .layer import SVDLayer, dispatch_default
+from .layer_mha import MultiheadAttention as SVDMultiheadAttention
+from .layer_mha import is_packed_attention
 
 _CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -37,6 +40,41 @@ TRANSFORMERS_MODELS_TO_SVD_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
 _DEFAULT_EXCLUDES = {"siglip": r".*vision_model\.head\..*", "siglip2": r".*vision_model\.head\..*"}
 _DEFAULT_EXCLUDES["siglip_vision_model"] = _DEFAULT_EXCLUDES["siglip"]
 _DEFAULT_EXCLUDES["siglip2_vision_model"] = _DEFAULT_EXCLUDES["siglip"]
+
+
+# Default targets of models that have no entry above (OpenCLIP models have no `config` at all), found
+# by the names of their blocks' modules: (pattern of a module name's tail, what the module must be).
+# The paper's choice in each block family: every attention projection and both MLP matrices.
+_STRUCTURAL_TARGETS: tuple[tuple[str, str], ...] = (
+    # OpenCLIP transformer towers: nn.MultiheadAttention (q, k, v and out_proj) and the MLP
+    (r"resblocks\.\d+\.attn", "attention"),
+    (r"resblocks\.\d+\.mlp\.c_(?:fc|proj)", "linear"),
+    # timm ViTs, including OpenCLIP's timm image towers: fused qkv (split in three), proj, the MLP
+    (r"blocks\.\d+\.attn\.(?:qkv|proj)", "linear"),
+    (r"blocks\.\d+\.mlp\.fc[12]", "linear"),
+    # BERT-style encoders, including OpenCLIP's Hugging Face text towers (PubMedBERT, RoBERTa)
+    (r"layer\.\d+\.attention\.self\.(?:query|key|value)", "linear"),
+    (r"layer\.\d+\.(?:attention\.output|intermediate|output)\.dense", "linear"),
+)
+
+
+def _default_targets_by_structure(model: nn.Module):
+    """A regex of the block modules of `model` that `_STRUCTURAL_TARGETS` recognises, or None.
+
+    A pattern is used only if every module it names has the expected type (an `nn.Linear`, or an
+    attention with a packed q/k/v projection), so that a look-alike name never becomes a target
+    that cannot be adapted.
+    """
+    modules = [
+        (name, m.get_base_layer() if isinstance(m, BaseTunerLayer) else m) for name, m in model.named_modules()
+    ]
+    kept = []
+    for pattern, kind in _STRUCTURAL_TARGETS:
+        matched = [m for name, m in modules if re.fullmatch(r"(?:.*\.)?" + pattern, name)]
+        expected = is_packed_attention if kind == "attention" else (lambda m: isinstance(m, nn.Linear))
+        if matched and all(expected(m) for m in matched):
+            kept.append(pattern)
+    return r"(?:.*\.)?(?:" + "|".join(kept) + ")" if kept else None
 
 
 def _adapter_names_pre_forward_hook(target, args, kwargs, adapter_names):
@@ -90,11 +128,15 @@ class SVDModel(BaseTuner):
         if peft_config.target_modules is None:
             targets = self.target_module_mapping.get(model_type)
             if targets is None:
+                # no entry for the type (or no config, as in OpenCLIP): recognise known block layouts
+                targets = _default_targets_by_structure(self.model)
+            if targets is None:
                 raise ValueError(
-                    f"There are no default target modules for model type {model_type!r}. Please specify "
-                    "`target_modules` in `SVDConfig`, e.g. SVDConfig(target_modules=['q_proj', 'v_proj'])."
+                    f"There are no default target modules for model type {model_type!r}, and its modules match "
+                    "none of the known block layouts (OpenCLIP towers, timm ViTs, BERT-style encoders). Please "
+                    "specify `target_modules` in `SVDConfig`, e.g. SVDConfig(target_modules=['q_proj', 'v_proj'])."
                 )
-            peft_config.target_modules = set(targets)
+            peft_config.target_modules = set(targets) if isinstance(targets, list) else targets
             if peft_config.exclude_modules is None and model_type in _DEFAULT_EXCLUDES:
                 peft_config.exclude_modules = _DEFAULT_EXCLUDES[model_type]
         return peft_config
@@ -121,7 +163,9 @@ class SVDModel(BaseTuner):
     ) -> None:
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
-        out_splits = _out_splits_for(svd_config, current_key)
+        if self._create_and_replace_attention(svd_config, adapter_name, target, target_name, parent, current_key):
+            return
+        out_splits = _out_splits_for(svd_config, current_key) or _packed_out_splits(target, target_name)
         if isinstance(target, SVDLayer):
             target.update_layer(adapter_name, svd_config, out_splits=out_splits)
             return
@@ -131,6 +175,38 @@ class SVDModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _create_and_replace_attention(
+        self, svd_config: SVDConfig, adapter_name: str, target, target_name: str, parent, current_key: str
+    ) -> bool:
+        """Adapt an attention with a packed q/k/v projection, or its `out_proj`, through the attention wrapper.
+
+        Returns whether `target` was such an attention or its `out_proj` (and so has been handled).
+        """
+        if isinstance(target, SVDMultiheadAttention) or is_packed_attention(target):
+            attention, parts = target, ("in_proj", "out_proj")
+        elif target_name == "out_proj" and isinstance(parent, (SVDMultiheadAttention, nn.MultiheadAttention)):
+            # nn.MultiheadAttention reads out_proj.weight instead of calling out_proj, so a wrapped
+            # out_proj alone would be ignored: the attention is wrapped, with only this part adapted
+            parent, attention, target_name = _get_submodules(self.model, current_key.rpartition(".")[0])
+            parts = ("out_proj",)
+        else:
+            return False
+        active = list(self.active_adapters)
+        if isinstance(attention, SVDMultiheadAttention):
+            attention.update_layer(adapter_name, svd_config, parts=parts, active_adapters=active)
+        else:
+            new_module = SVDMultiheadAttention(attention, adapter_name, svd_config, parts=parts, active_adapters=active)
+            self._replace_module(parent, target_name, new_module, attention)
+        return True
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # an attention wrapper being unloaded hands back its module whole, which has no single
+        # `weight` for the default implementation to re-attach
+        if isinstance(child, SVDMultiheadAttention) and new_module is child.get_base_layer():
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     @staticmethod
     def _create_new_module(svd_config: SVDConfig, adapter_name: str, target: nn.Module, current_key: str, **kwargs):
         new_module = dispatch_default(target, adapter_name, svd_config, **kwargs)
@@ -138,7 +214,8 @@ class SVDModel(BaseTuner):
             base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
             raise TypeError(
                 f"Target module '{current_key}' is a {type(base).__name__}, but SVD adapters support nn.Linear "
-                "only. Remove it from target_modules (or exclude it with exclude_modules)."
+                "and attention with a packed q/k/v in_proj_weight (nn.MultiheadAttention with kdim == vdim == "
+                "embed_dim) only. Remove it from target_modules (or exclude it with exclude_modules)."
             )
         return new_module
 
@@ -185,11 +262,28 @@ class SVDModel(BaseTuner):
         for _, layer in iter_svd_layers(self):
             hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
             handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        # attention wrappers run their parts' weights themselves: they must see (and refuse) adapter_names
+        for module in self.model.modules():
+            if isinstance(module, SVDMultiheadAttention):
+                hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _packed_out_splits(target: nn.Module, target_name: str):
+    """Row blocks of a known packed layout, or None.
+
+    A `qkv` `nn.Linear` with `out_features == 3 * in_features` (timm's attention, OpenCLIP's timm
+    towers) stacks query, key and value: three equal blocks. `config.out_splits` overrides this.
+    """
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if target_name == "qkv" and isinstance(base, nn.Linear) and base.out_features == 3 * base.in_features:
+        return (base.in_features,) * 3
+    return None
 
 
 def _out_splits_for(config: SVDConfig, key: str):
