@@ -27,10 +27,19 @@ class SVDConfig(PeftConfig):
         target_modules (`Optional[Union[list[str], str]]`):
             Names of the `nn.Linear` modules to adapt. A list matches module names exactly or by
             suffix (`"q_proj"` matches `"...self_attn.q_proj"`); a string is a regular expression
-            matched against the full module name. `None` picks the default of the model type:
-            for CLIP, SigLIP and their single-tower variants the attention `q_proj`, `k_proj`,
-            `v_proj`, `out_proj` and the MLP `fc1`, `fc2` of every block of both encoders (the
-            paper's choice). Models without a default raise an error asking for this field.
+            matched against the full module name. An attention module with a packed q/k/v
+            `in_proj_weight` (`nn.MultiheadAttention`, OpenCLIP's `Attention`) can be named too:
+            its query, key, value and `out_proj` matrices are then each adapted as separate layers
+            (naming only the `out_proj` of an `nn.MultiheadAttention` adapts that matrix alone).
+            `None` picks the default of the model type: for CLIP, SigLIP and their single-tower
+            variants the attention `q_proj`, `k_proj`, `v_proj`, `out_proj` and the MLP `fc1`, `fc2`
+            of every block of both encoders (the paper's choice). Models of other types (OpenCLIP
+            models have none) get the same choice where their blocks are recognised by module
+            names: OpenCLIP towers (`resblocks.N.attn`, `mlp.c_fc`, `mlp.c_proj`), timm ViTs
+            (`blocks.N.attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`) and BERT-style encoders
+            (`query`, `key`, `value`, `attention.output.dense`, `intermediate.dense`,
+            `output.dense`), stored as a regular expression. Others raise an error asking for this
+            field.
         exclude_modules (`Optional[Union[list[str], str]]`):
             Names (list: exact or suffix match) or a regular expression of modules not to adapt.
         layers_to_transform (`Optional[Union[list[int], int]]`):
@@ -49,7 +58,11 @@ class SVDConfig(PeftConfig):
             For weights that pack several matrices along their output dimension, such as a fused
             query/key/value projection: maps a module name (suffix match) to the row counts of
             its blocks, e.g. `{"qkv": [768, 768, 768]}`. Each block is factorized separately and
-            gets its own singular values, exactly as if it were its own layer.
+            gets its own singular values, exactly as if it were its own layer. Known layouts need
+            no entry: an `nn.Linear` named `qkv` with `out_features == 3 * in_features` (timm's
+            attention, OpenCLIP's timm towers) is split into three equal blocks, and the packed
+            `in_proj_weight` of `nn.MultiheadAttention` into q, k and v. An entry overrides the
+            detection for its modules (`{"qkv": [2304]}` keeps a 2304 x 768 `qkv` whole).
         forward_mode (`Literal["auto", "factored", "merged"]`):
             How a layer computes its output while its singular values are being trained.
             `"factored"` computes `U ((s + d) * (Vh x))`, `"merged"` builds `W + U diag(d) Vh`
@@ -77,7 +90,8 @@ class SVDConfig(PeftConfig):
         metadata={
             "help": (
                 "List of module names (exact or suffix match) or a regex of the nn.Linear modules to adapt. "
-                "None: the default of the model type (CLIP/SigLIP: q_proj, k_proj, v_proj, out_proj, fc1, fc2)."
+                "None: the default of the model type (CLIP/SigLIP: q_proj, k_proj, v_proj, out_proj, fc1, fc2), "
+                "or of the recognised block layout (OpenCLIP, timm ViT, BERT-style)."
             )
         },
     )
@@ -108,7 +122,8 @@ class SVDConfig(PeftConfig):
         metadata={
             "help": (
                 "Module name (suffix match) -> row counts of the matrices packed along its output dimension, "
-                "e.g. {'qkv': [768, 768, 768]}; each block gets its own singular values."
+                "e.g. {'qkv': [768, 768, 768]}; each block gets its own singular values. "
+                "A 'qkv' Linear with out = 3 x in is split in three without an entry."
             )
         },
     )
