@@ -269,8 +269,14 @@ def main(argv=None):
     )
     accelerator.print(f"trained {stats.steps_this_run} steps in {stats.wall_time_s:.1f} s, final loss {stats.final_loss:.4f}")
 
-    # Evaluation: the protocol's classes on the test split, then the other datasets.
+    # The adapter is saved before evaluation, so that a failure there does not lose the training.
     peft_model = accelerator.unwrap_model(classifier).model
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        peft_model.save_pretrained(output_dir)
+
+    # Evaluation: the protocol's classes on the test split, then the other datasets.
     eval_options = dict(zero_shot=not args.skip_zero_shot, batch_size=args.eval_batch_size, num_workers=num_workers)
     protocol_classes = "base-to-novel" if args.protocol == "base-to-novel" else "all"
     results = {
@@ -279,14 +285,11 @@ def main(argv=None):
         )
     }
     for other, split, other_template in eval_sets:
-        results[other.name] = evaluation.evaluate_protocol(
+        results[other.name if other.name not in results else other.source] = evaluation.evaluate_protocol(
             accelerator, peft_model, tokenizer, image_processor, other, split, other_template, **eval_options
         )
 
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        os.makedirs(output_dir, exist_ok=True)
-        peft_model.save_pretrained(output_dir)
         summary = {
             **run,
             "dataset_name": data.name, "num_classes": data.num_classes, "classes_trained": len(train_names),
