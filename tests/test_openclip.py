@@ -129,6 +129,15 @@ def test_default_targets_are_saved_and_reloaded(tmp_path):
         assert torch.allclose(clip_logits(loaded, image, text), expected, atol=1e-6)
 
 
+def test_default_targets_with_layers_to_transform(tmp_path):
+    model = get_peft_model(TinyOpenCLIP(), SVDConfig(layers_to_transform=[1]))
+    names = sorted(n for n, _ in iter_svd_layers(model))
+    assert len(names) == 2 * 4 and all(".resblocks.1." in n for n in names)
+    model.save_pretrained(tmp_path)  # a config that reloads (a regex with layers_to_transform would not)
+    loaded = PeftModel.from_pretrained(TinyOpenCLIP(), tmp_path)
+    assert sorted(n for n, _ in iter_svd_layers(loaded)) == names
+
+
 @pytest.mark.parametrize("make", [TinyOpenCLIP, TinyBiomedCLIP], ids=["openclip", "biomedclip"])
 def test_few_steps_of_contrastive_training_reduce_the_loss(make):
     model = get_peft_model(make(), SVDConfig())

@@ -58,23 +58,36 @@ _STRUCTURAL_TARGETS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _default_targets_by_structure(model: nn.Module):
-    """A regex of the block modules of `model` that `_STRUCTURAL_TARGETS` recognises, or None.
+def _default_targets_by_structure(model: nn.Module, layers=None):
+    """The block modules of `model` that `_STRUCTURAL_TARGETS` recognises, or None if there are none.
 
     A pattern is used only if every module it names has the expected type (an `nn.Linear`, or an
     attention with a packed q/k/v projection), so that a look-alike name never becomes a target
     that cannot be adapted.
+
+    Args:
+        layers: `layers_to_transform` (block indices, int or list), or None for all blocks.
+
+    Returns:
+        A regex of the recognised modules when `layers` is None; else the list of their names in
+        those blocks (PEFT selects layers for lists, and its config refuses a regex with them).
     """
     modules = [
         (name, m.get_base_layer() if isinstance(m, BaseTunerLayer) else m) for name, m in model.named_modules()
     ]
-    kept = []
+    kept, names = [], []
     for pattern, kind in _STRUCTURAL_TARGETS:
-        matched = [m for name, m in modules if re.fullmatch(r"(?:.*\.)?" + pattern, name)]
+        block = re.compile(r"(?:.*\.)?" + pattern.replace(r"\d+", r"(\d+)", 1))
+        matched = [(name, m, block.fullmatch(name)) for name, m in modules]
+        matched = [(name, m, match) for name, m, match in matched if match]
         expected = is_packed_attention if kind == "attention" else (lambda m: isinstance(m, nn.Linear))
-        if matched and all(expected(m) for m in matched):
+        if matched and all(expected(m) for _, m, _ in matched):
             kept.append(pattern)
-    return r"(?:.*\.)?(?:" + "|".join(kept) + ")" if kept else None
+            wanted = {layers} if isinstance(layers, int) else set(layers or ())
+            names += [name for name, _, match in matched if int(match.group(1)) in wanted]
+    if not kept:
+        return None
+    return r"(?:.*\.)?(?:" + "|".join(kept) + ")" if layers is None else names
 
 
 def _adapter_names_pre_forward_hook(target, args, kwargs, adapter_names):
@@ -129,7 +142,7 @@ class SVDModel(BaseTuner):
             targets = self.target_module_mapping.get(model_type)
             if targets is None:
                 # no entry for the type (or no config, as in OpenCLIP): recognise known block layouts
-                targets = _default_targets_by_structure(self.model)
+                targets = _default_targets_by_structure(self.model, peft_config.layers_to_transform)
             if targets is None:
                 raise ValueError(
                     f"There are no default target modules for model type {model_type!r}, and its modules match "
