@@ -222,16 +222,21 @@ def concept_energy(pool: ConceptPool, joint_map: torch.Tensor, *write: torch.Ten
 
 
 def concept_change(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """Change of the energy along each description, in units of the mean energy before.
+    """Which descriptions a write moved toward or away from, beyond its overall change.
+
+    With ``g = sum(after) / sum(before)`` the write's overall energy gain, returns
+    ``(after - g * before) / mean(before)`` per description: positive where the energy along
+    the description grew more than the write's energy as a whole, negative where it grew less
+    (or fell), in units of the average description's energy before. Scaling a whole write
+    gives zeros: that is an overall gain, reported apart (``g - 1``), not a change of concept.
+    The scores sum to zero.
 
     Args:
         before, after: (N,) from ``concept_energy`` with the pretrained and adapted weights.
 
     Returns:
-        (N,) ``(after - before) / mean(before)``: 0.1 means the write's energy along the
-        description grew by a tenth of what an average description received before. Scaling a
-        whole write by ``g`` raises every description in proportion to what it had; moving
-        energy between singular directions raises some and lowers others.
+        (N,) scores.
     """
-    scale = before.mean().clamp_min(1e-30)
-    return (after - before) / scale
+    total = before.sum().clamp_min(1e-30)
+    gain = after.sum() / total
+    return (after - gain * before) / (total / before.numel())

@@ -185,10 +185,12 @@ def write_report(
             f"Directions the blocks write into the residual stream were mapped to the joint image-text space "
             f"(final layer norm's linear part, then the projection) and compared with {len(analysis.pool)} "
             "descriptions encoded by the model's pretrained text encoder. *Writes mostly*: the descriptions "
-            "that receive most of the part's output energy before adaptation. *Amplified* / *damped*: the "
-            "change of the energy along a description, in units of the average description's energy before "
-            "(a head's write is its output projection slice times its value projection slice). "
-            "Weight-only view: inputs are taken as isotropic.",
+            "that receive most of the part's output energy before adaptation. *Energy change*: how much the "
+            "part's output energy along all descriptions changed. *Amplified* / *damped*: the descriptions "
+            "whose energy grew more / less than that overall change, with the difference in units of the "
+            "average description's energy before (so scaling a whole part amplifies and damps nothing). A "
+            "head's write is its output projection slice times its value projection slice. Weight-only "
+            "view: inputs are taken as isotropic.",
             "",
         ]
         if analysis.pool_dropped:

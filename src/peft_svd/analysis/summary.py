@@ -101,10 +101,15 @@ class AdapterAnalysis:
                 moves.append(f"toward {_quote(entry['amplified'])}")
             if entry["damped"]:
                 moves.append(f"away from {_quote(entry['damped'])}")
+            energy = f"{100 * entry['relative_energy_change']:+.2f}%"
             if moves:
                 name = "attention" if entry["part"] == "attention" else "MLP"
                 where = _where(entry["encoder"], entry["block"])
-                lines.append(f"In {where}, the {name} output moved " + " and ".join(moves) + ".")
+                lines.append(
+                    f"In {where}, the {name} output changed its energy by {energy} overall and moved "
+                    + " and ".join(moves)
+                    + "."
+                )
         return lines
 
     def _head_sentence(self, head: HeadChange, opening: str) -> str:
@@ -121,7 +126,7 @@ class AdapterAnalysis:
             if entry["damped"]:
                 changes.append(f"damped {_quote(entry['damped'])}")
             if changes:
-                sentence += "; the adapter " + " and ".join(changes)
+                sentence += "; relative to its overall change, the adapter " + " and ".join(changes)
         return sentence + "."
 
     def to_dict(self) -> dict:
@@ -284,9 +289,9 @@ def analyze_adapter(
     Returns:
         An ``AdapterAnalysis``. Concept scores: ``writes`` is a description's share of what the
         part writes before adaptation, relative to the average description (``concept_energy``
-        divided by its mean, so 2.0 is twice the average); ``amplified`` / ``damped`` are
-        ``concept_change`` scores, the energy gained or lost along the description in units of
-        the average description's energy before.
+        divided by its mean, so 2.0 is twice the average); ``amplified`` / ``damped`` are the
+        highest and lowest ``concept_change`` scores: descriptions whose energy grew more (less)
+        than the part's energy as a whole, whose change is ``relative_energy_change``.
     """
     layers = spectral_change(model, adapter_name)
     heads = attention_head_changes(model, adapter_name)
