@@ -34,6 +34,7 @@ from peft import get_peft_model
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 import peft_svd
+from peft_svd import recipes
 from peft_svd.fewshot import data as fsdata
 from peft_svd.fewshot import evaluation, modelcard, templates, training
 from peft_svd.fewshot.zeroshot import tokenize_prompts
@@ -70,8 +71,13 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("recipe (defaults: the CLIP-SVD paper)")
     r = training.FewShotRecipe()
-    g.add_argument("--lr", type=float, default=r.lr, help="Peak learning rate of AdamW.")
-    g.add_argument("--weight-decay", type=float, default=r.weight_decay, help="AdamW weight decay.")
+    g.add_argument("--recipe", choices=["auto", "natural", "biomedical"], default="auto",
+                   help="natural: the natural-image recipe; biomedical: the dataset's biomedical recipe (lr per dataset, "
+                   "weight decay 0, epochs); auto: biomedical for the 10 biomedical datasets, else natural. --lr, "
+                   "--weight-decay and --epochs override it.")
+    g.add_argument("--lr", type=float, default=None, help=f"Peak learning rate of AdamW (natural recipe: {r.lr:g}).")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help=f"AdamW weight decay (natural recipe: {r.weight_decay:g}, biomedical: 0).")
     g.add_argument("--min-lr", type=float, default=r.min_lr, help="Final learning rate of the cosine schedule.")
     g.add_argument("--iters-per-shot", type=int, default=r.iters_per_shot, help="Steps per shot (steps = this x shots).")
     g.add_argument("--epochs", type=float, default=None, help="Instead of --iters-per-shot: passes over the K-shot set.")
@@ -139,6 +145,27 @@ def resolve_output_dir(accelerator, args, dataset_name: str) -> str:
     return output_dir
 
 
+def build_recipe(args, dataset_name: str) -> training.FewShotRecipe:
+    """Returns the run's recipe: the natural-image or the dataset's biomedical recipe (--recipe),
+    with every value given on the command line taking precedence."""
+    base = {}
+    if args.recipe != "natural":
+        biomedical = recipes.biomedical_recipe(dataset_name)
+        if biomedical is None and args.recipe == "biomedical":
+            raise SystemExit(
+                f"error: no biomedical recipe for dataset {dataset_name!r}; known: "
+                f"{', '.join(sorted(recipes.BIOMEDICAL_RECIPES))}. Give --lr, --weight-decay and --epochs instead."
+            )
+        if biomedical is not None:
+            base = {k: biomedical[k] for k in ("lr", "weight_decay", "epochs")}
+    given = {"lr": args.lr, "weight_decay": args.weight_decay, "epochs": args.epochs}
+    return training.FewShotRecipe(
+        **{k: v for k, v in {**base, **{k: v for k, v in given.items() if v is not None}}.items()},
+        min_lr=args.min_lr, iters_per_shot=args.iters_per_shot, max_steps=args.max_steps, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, crop_scale=tuple(args.crop_scale),
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
     accelerator = Accelerator(
@@ -164,13 +191,6 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")  # still the option that skips re-sending
     set_seed(args.seed)
 
-    recipe = training.FewShotRecipe(
-        lr=args.lr, weight_decay=args.weight_decay, min_lr=args.min_lr, iters_per_shot=args.iters_per_shot,
-        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, crop_scale=tuple(args.crop_scale),
-    )
-    micro_batch = recipe.micro_batch_size(accelerator.num_processes)
-
     # Data first: every check that can fail on bad input runs before the model is loaded.
     model_name, dataset_source = args.model, args.dataset
     if model_name is None or dataset_source is None:  # the offline default: the built-in model and data
@@ -186,6 +206,8 @@ def main(argv=None):
         )
     template = args.template or data.template or templates.template_for(data.name)
     templates.check_template(template)
+    recipe = build_recipe(args, data.name)
+    micro_batch = recipe.micro_batch_size(accelerator.num_processes)
     train_split, _ = data.split(args.train_split, purpose="training", fallbacks=("train",))
     test_split, _ = data.split(args.test_split, purpose="evaluation", fallbacks=("test", "validation"))
     fsdata.check_labelled(data, test_split)
@@ -235,7 +257,7 @@ def main(argv=None):
     accelerator.print(
         f"{model_name}: {trainable:,} trainable singular values ({100 * trainable / total:.3f}% of {total:,} parameters); "
         f"{data.name}: {len(train_names)} classes, {len(shot_rows)} training images, {num_steps} steps of {recipe.batch_size}; "
-        f"template {template!r}"
+        f"template {template!r}; AdamW lr {recipe.lr:g}, weight decay {recipe.weight_decay:g}"
     )
 
     num_workers = args.num_workers

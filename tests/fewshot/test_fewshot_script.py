@@ -275,6 +275,21 @@ def test_push_to_hub_offline_is_refused_before_training(fewshot, capsys, monkeyp
     assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
 
 
+def test_recipe_follows_the_dataset_and_flags_override_it(fewshot):
+    def recipe(name, *flags):
+        return fewshot.build_recipe(fewshot.parse_args(list(flags)), name)
+
+    natural = recipe("eurosat")
+    assert (natural.lr, natural.weight_decay, natural.epochs, natural.iters_per_shot) == (5e-4, 0.01, None, 200)
+    bio = recipe("BTMRI")
+    assert (bio.lr, bio.weight_decay, bio.epochs) == (7e-3, 0.0, 200)
+    assert recipe("BTMRI", "--lr", "1e-3", "--epochs", "100").lr == 1e-3
+    assert recipe("BTMRI", "--lr", "1e-3", "--epochs", "100").epochs == 100
+    assert recipe("BTMRI", "--recipe", "natural").lr == 5e-4
+    with pytest.raises(SystemExit, match="no biomedical recipe for dataset 'eurosat'"):
+        recipe("eurosat", "--recipe", "biomedical")
+
+
 def test_template_without_placeholder_is_refused_before_anything_loads(fewshot, capsys):
     with pytest.raises(SystemExit) as exc:
         fewshot.main(["--template", "a photo of a thing."])
