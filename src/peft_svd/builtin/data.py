@@ -78,9 +78,13 @@ _COLOURS = {
     "purple": (125, 45, 165),
 }
 _MIN_LUMINANCE_GAP = 60.0
+# Colours are named in few captions: they are far easier to see than the character, and a model
+# rewarded for them learns them first and the characters much later.
+_COLOUR_CAPTION_PROBABILITY = 0.1
 
 # Ranges of the random rendering parameters.
 _FONT_PIXELS = (12, 44)  # nominal font size in pixels; glyphs that would not fit are shrunk to fit
+_PLAIN_FONT_PIXELS = 26  # smallest font size of plain renders
 _MAX_ROTATION = 20.0  # degrees, either way
 _MAX_NOISE = 12.0  # standard deviation of pixel noise, 0-255 scale
 _LOW_RESOLUTION_PROBABILITY = 0.3  # images are sometimes shrunk and blown up again ...
@@ -163,13 +167,13 @@ def _caption(char: str, font: _Font, fg: str, bg: str, rng: np.random.Generator)
     style = "" if font.style == "regular" else font.style + " "
     if rng.random() < 0.55:
         text += f" in {style}{font.family}"
-    if rng.random() < 0.5:
+    if rng.random() < _COLOUR_CAPTION_PROBABILITY:
         text += f", {fg} on {bg}"
     return text + "."
 
 
 def render_glyphs(
-    characters: Sequence[str], labels: np.ndarray, rng: np.random.Generator
+    characters: Sequence[str], labels: np.ndarray, rng: np.random.Generator, plain_fraction: float = 0.0
 ) -> tuple[np.ndarray, list[str]]:
     """Renders one image per label: `characters[label]` in a random font, size, position,
     rotation and colours.
@@ -178,6 +182,8 @@ def render_glyphs(
         characters: the characters, indexed by label.
         labels: class ids, shape (n,).
         rng: source of every random choice.
+        plain_fraction: share of the images drawn plain instead: large, upright, near the
+            centre, black on white, without noise (the start of the pretraining curriculum).
 
     Returns:
         images: uint8 array (n, IMAGE_SIZE, IMAGE_SIZE, 3).
@@ -189,22 +195,27 @@ def render_glyphs(
     for i, label in enumerate(labels):
         char = characters[label]
         font = _FONTS[rng.integers(len(_FONTS))]
-        fg, bg = _COLOUR_PAIRS[rng.integers(len(_COLOUR_PAIRS))]
+        plain = rng.random() < plain_fraction
+        fg, bg = ("black", "white") if plain else _COLOUR_PAIRS[rng.integers(len(_COLOUR_PAIRS))]
         mask = _glyph_mask(
             font,
             char,
-            pixels=int(rng.integers(_FONT_PIXELS[0], _FONT_PIXELS[1] + 1)),
-            angle=float(rng.uniform(-_MAX_ROTATION, _MAX_ROTATION)),
+            pixels=int(rng.integers(_PLAIN_FONT_PIXELS if plain else _FONT_PIXELS[0], _FONT_PIXELS[1] + 1)),
+            angle=0.0 if plain else float(rng.uniform(-_MAX_ROTATION, _MAX_ROTATION)),
         )
         h, w = mask.shape
-        top = int(rng.integers(0, IMAGE_SIZE - h + 1))
-        left = int(rng.integers(0, IMAGE_SIZE - w + 1))
+        margin = max(0, (IMAGE_SIZE - h) // 2 - 2) if plain else 0  # plain glyphs stay within 2 px of the centre
+        top = int(rng.integers(margin, IMAGE_SIZE - h + 1 - margin))
+        margin = max(0, (IMAGE_SIZE - w) // 2 - 2) if plain else 0
+        left = int(rng.integers(margin, IMAGE_SIZE - w + 1 - margin))
         coverage = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.float32)
         coverage[top : top + h, left : left + w, 0] = mask
         fg_rgb = np.asarray(_COLOURS[fg], np.float32) + rng.uniform(-20, 20, 3)
         bg_rgb = np.asarray(_COLOURS[bg], np.float32) + rng.uniform(-20, 20, 3)
         image = bg_rgb + (fg_rgb - bg_rgb) * coverage
-        images[i] = np.clip(np.rint(_degrade(image, h, rng)), 0, 255).astype(np.uint8)
+        if not plain:
+            image = _degrade(image, h, rng)
+        images[i] = np.clip(np.rint(image), 0, 255).astype(np.uint8)
         captions.append(_caption(char, font, fg, bg, rng))
     return images, captions
 
