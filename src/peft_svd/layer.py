@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ class SVDLayer(BaseTunerLayer):
         self.merged_adapters = []
         self.forward_mode = "auto"
         self.verify_base_model = True
-        self._weight_cache: Optional[tuple[tuple, torch.Tensor]] = None
+        self._weight_cache: _WeightCache | None = None
 
         base_layer = self.get_base_layer()
         if not isinstance(base_layer, nn.Linear):
@@ -176,19 +177,51 @@ class SVDLayer(BaseTunerLayer):
         return (weight.to(update.dtype) + update).to(weight.dtype)
 
     def _cached_effective_weight(self, adapter_names: list[str]) -> torch.Tensor:
-        # Valid while neither the base weight nor any delta changed: in-place updates (optimizer
-        # steps, load_state_dict) bump the tensors' version counters.
+        """`W + U diag(sum of deltas) Vh` of the given adapters, built once and reused.
+
+        Valid while neither the base weight nor any delta changed: in-place updates (optimizer
+        steps, `load_state_dict`) bump the tensors' version counters, moves change their storage.
+        """
+        cache = self._weight_cache
+        weight = self.get_base_layer().weight
+        if (
+            cache is None
+            or cache.names != tuple(adapter_names)
+            or cache.deltas != tuple((p, p._version, p.data_ptr()) for p in map(self.svd_delta.__getitem__, adapter_names))
+            or cache.weight is not weight
+            or cache.weight_state != (weight._version, weight.data_ptr())
+            or (torch.is_grad_enabled() and cache.value.is_inference())
+        ):
+            cache = self._build_weight_cache(adapter_names)
+        return cache.value
+
+    def _build_weight_cache(self, adapter_names: list[str]) -> _WeightCache:
         weight = self.get_base_layer().weight
         params = [self.svd_delta[n] for n in adapter_names]
-        key = (
-            tuple(adapter_names),
-            tuple((p._version, p.data_ptr(), p.device) for p in params),
-            (weight._version, weight.data_ptr(), weight.dtype, weight.device),
+        with torch.no_grad():
+            value = self._effective_weight(self._active_delta(adapter_names))
+        self._weight_cache = _WeightCache(
+            delta=params[0] if len(params) == 1 else None,
+            delta_state=(params[0]._version, params[0].data_ptr()),
+            weight=weight,
+            weight_state=(weight._version, weight.data_ptr()),
+            names=tuple(adapter_names),
+            deltas=tuple((p, p._version, p.data_ptr()) for p in params),
+            value=value,
         )
-        if self._weight_cache is None or self._weight_cache[0] != key:
-            with torch.no_grad():
-                self._weight_cache = (key, self._effective_weight(self._active_delta(adapter_names)))
-        return self._weight_cache[1]
+        return self._weight_cache
+
+
+class _WeightCache(NamedTuple):
+    """An effective weight and what it was built from (tensors, version counters, storages)."""
+
+    delta: torch.Tensor | None  # the delta when built for one adapter (the fast check in `forward`)
+    delta_state: tuple[int, int]
+    weight: torch.Tensor
+    weight_state: tuple[int, int]
+    names: tuple[str, ...]
+    deltas: tuple
+    value: torch.Tensor
 
 
 def base_fingerprint(weight: torch.Tensor) -> torch.Tensor:
@@ -226,59 +259,70 @@ def fingerprints_match(saved: torch.Tensor, current: torch.Tensor) -> bool:
 
 
 def _use_factored_for(tokens: int, out_features: int, in_features: int, rank: int) -> bool:
-    """Whether the factored form costs fewer multiply-adds than the merged one for a training call."""
-    # forward + backward (DESIGN.md section 2); merged recomputes W' in backward
+    """Whether the factored form costs fewer multiply-adds than the merged one for a training call.
+
+    Forward plus backward, counting a `tokens x in x out` product as `tokens * in * out`:
+    factored `2 T R (in + out)` (two thin products each way); merged `3 T in out` (forward,
+    input gradient, weight gradient) plus `2 R in out` (building `W'`, and projecting its
+    gradient onto the singular directions). Square matrices merge once `T > 2 in`; a 4x wide
+    MLP matrix never does.
+    """
     factored = 2 * tokens * rank * (in_features + out_features)
-    merged = 3 * tokens * in_features * out_features + 3 * rank * in_features * out_features
+    merged = 3 * tokens * in_features * out_features + 2 * rank * in_features * out_features
     return factored <= merged
 
 
-class _MergedSVDLinear(torch.autograd.Function):
-    """`y = x (W + U diag(d) Vh)^T + b` with a gradient for `d` only (and `x`).
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype.itemsize < 4 else dtype
 
-    The backward pass recomputes the `out x in` effective weight instead of keeping it alive
-    from the forward pass, so training memory does not grow by a weight-sized tensor per layer.
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    # `Tensor.to` costs microseconds even when it returns `t` itself; this is per layer call
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+class _FactoredSVDLinear(torch.autograd.Function):
+    """`y = U ((S + d) * (Vh x)) + b` with gradients for `d` and `x`; keeps only `Vh x` for backward.
+
+    The singular values scale whichever operand is smaller, the `(tokens, R)` projection or the
+    frozen `U` (forward) / `Vh` (backward), and the gradient of `d` is one product-sum. Under
+    plain autograd the same rule stores two `(tokens, R)` tensors per layer and makes three more
+    passes over them (more under autocast, where `s * h` is promoted to float32).
     """
 
     @staticmethod
-    def forward(ctx, x, delta, weight, U, Vh, bias):
-        device_type = x.device.type
-        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        with torch.autocast(device_type, enabled=False):
-            w_eff = (weight.to(U.dtype) + (U * delta.to(U.dtype)) @ Vh).to(compute_dtype)
-            xc = x.to(compute_dtype)
-            y = F.linear(xc, w_eff, bias.to(compute_dtype) if bias is not None else None)
-        ctx.save_for_backward(xc, delta, weight, U, Vh)
-        ctx.x_dtype = x.dtype
-        ctx.compute_dtype = compute_dtype
-        ctx.has_bias = bias is not None
+    def forward(ctx, x, delta, S, U, Vh, bias, dtype):
+        s = S + _cast(delta, S.dtype)
+        h = F.linear(_cast(x, dtype), _cast(Vh, dtype))
+        b = _cast(bias, dtype)
+        if h.numel() // h.shape[-1] <= U.shape[0]:
+            y = F.linear(h * _cast(s, dtype), _cast(U, dtype), b)
+        else:
+            y = F.linear(h, _cast(U * s, dtype), b)
+        ctx.save_for_backward(h, s, U, Vh)
+        ctx.x_dtype, ctx.delta_dtype = x.dtype, delta.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        xc, delta, weight, U, Vh = ctx.saved_tensors
-        device_type = xc.device.type
+        h, s, U, Vh = ctx.saved_tensors
+        dtype = h.dtype
+        a = _cast(grad_out, dtype) @ _cast(U, dtype)  # (..., R): the output gradient on the singular directions
+        rank = a.shape[-1]
         grad_x = grad_delta = grad_bias = None
-        with torch.autocast(device_type, enabled=False):
-            g = grad_out.to(ctx.compute_dtype)
-            if ctx.needs_input_grad[0]:
-                w_eff = (weight.to(U.dtype) + (U * delta.to(U.dtype)) @ Vh).to(ctx.compute_dtype)
-                grad_x = (g @ w_eff).to(ctx.x_dtype)
-            if ctx.needs_input_grad[1]:
-                g2 = g.reshape(-1, g.shape[-1])
-                x2 = xc.reshape(-1, xc.shape[-1])
-                tokens, (out_f, rank), in_f = x2.shape[0], U.shape, Vh.shape[1]
-                # d_delta[r] = sum_t (g_t . U[:, r]) (Vh[r] . x_t): through the token-summed outer
-                # product when tokens are many, through the rank-R projections when they are few
-                if tokens * out_f * in_f + rank * out_f * in_f < tokens * rank * (out_f + in_f):
-                    outer = (g2.mT @ x2).to(U.dtype)
-                    grad_delta = ((U.mT @ outer) * Vh).sum(-1)
-                else:
-                    grad_delta = ((g2 @ U.to(g2.dtype)).to(U.dtype) * (x2 @ Vh.mT.to(x2.dtype)).to(U.dtype)).sum(0)
-                grad_delta = grad_delta.to(delta.dtype)
-            if ctx.has_bias and ctx.needs_input_grad[5]:
-                grad_bias = g.reshape(-1, g.shape[-1]).sum(0)
-        return grad_x, grad_delta, None, None, None, grad_bias
+        if ctx.needs_input_grad[1]:
+            grad_delta = _cast((a * h).reshape(-1, rank).sum(0, dtype=_accumulation_dtype(dtype)), ctx.delta_dtype)
+        if ctx.needs_input_grad[0]:
+            if a.numel() // rank <= Vh.shape[1]:
+                grad_x = (a * _cast(s, dtype)) @ _cast(Vh, dtype)
+            else:
+                grad_x = a @ _cast(Vh * s.unsqueeze(-1), dtype)
+            grad_x = _cast(grad_x, ctx.x_dtype)
+        if ctx.needs_input_grad[5]:
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_bias = _cast(g.sum(0, dtype=_accumulation_dtype(g.dtype)), ctx.bias_dtype)
+        return grad_x, grad_delta, None, None, None, grad_bias, None
 
 
 class Linear(nn.Module, SVDLayer):
@@ -365,21 +409,58 @@ class Linear(nn.Module, SVDLayer):
             return self.forward_mode == "factored"
         return _use_factored_for(tokens, self.out_features, self.in_features, self.rank)
 
-    def _adapted_forward(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Output with gradients flowing to `delta` (and `x`)."""
-        base_layer = self.get_base_layer()
+    def _linear(self) -> nn.Linear:
+        # get_base_layer() without its hasattr probe, which raises inside nn.Module.__getattr__
+        base = self.base_layer
+        return base.get_base_layer() if isinstance(base, BaseTunerLayer) else base
+
+    def _adapted_forward(self, x: torch.Tensor, delta: torch.Tensor, base: nn.Linear | None = None) -> torch.Tensor:
+        """Output with gradients flowing to `delta` (and `x`), in the form that is cheaper for this call."""
+        base = base if base is not None else self._linear()
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         if self._use_factored(x.numel() // self.in_features):
-            device_type = x.device.type
-            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-            s = self.svd_S + delta.to(self.svd_S.dtype)
-            h = F.linear(x.to(dtype), self.svd_Vh.to(dtype))
-            y = F.linear((h * s).to(dtype), self.svd_U.to(dtype))
-            if base_layer.bias is not None:
-                y = y + base_layer.bias.to(y.dtype)
-            return y
-        return _MergedSVDLinear.apply(x, delta, base_layer.weight, self.svd_U, self.svd_Vh, base_layer.bias)
+            return _FactoredSVDLinear.apply(x, delta, self.svd_S, self.svd_U, self.svd_Vh, base.bias, dtype)
+        # Merged: autograd through W' = W + U diag(d) Vh, built in float32. Only W' (out x in) is
+        # kept for backward, far less than the (tokens, in) activations that make this form cheaper.
+        U, Vh = self.svd_U, self.svd_Vh
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            weight = _cast(_cast(base.weight, U.dtype) + (U * _cast(delta, U.dtype)) @ Vh, dtype)
+            return F.linear(_cast(x, dtype), weight, _cast(base.bias, dtype))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # The common call (one active adapter, nothing merged or disabled, no extra arguments)
+        # takes a short path: on a GPU the Python work per call is what an adapter layer adds.
+        name = self._active_adapter
+        if type(name) is not str:
+            name = name[0] if len(name) == 1 else None
+        if name is None or args or kwargs or self._disable_adapters or self.merged_adapters:
+            return self._forward_general(x, *args, **kwargs)
+        delta = self.svd_delta.get(name)
+        base = self._linear()
+        if delta is None:
+            return base(x)
+        if self.svd_U is None:
+            self._require_factors()
+        grad = torch.is_grad_enabled()
+        if grad and delta.requires_grad:
+            return self._adapted_forward(x, delta, base)
+        cache = self._weight_cache
+        weight = base.weight
+        if (
+            cache is None
+            or cache.delta is not delta
+            or cache.delta_state != (delta._version, delta.data_ptr())
+            or cache.weight is not weight
+            or cache.weight_state != (weight._version, weight.data_ptr())
+            # a weight built under inference_mode cannot be saved for a backward pass
+            or (grad and cache.value.is_inference())
+        ):
+            cache = self._build_weight_cache([name])
+        return F.linear(x, cache.value, base.bias)
+
+    def _forward_general(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
         base_layer = self.get_base_layer()
