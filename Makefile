@@ -3,9 +3,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU build of torch is installed first, so that the plain `torch` requirement of the
-# other packages does not pull a multi-GB CUDA build.
-TORCH  ?= torch==2.13.0
+# torch is installed first, pinned, so that the plain `torch` requirement of the other packages
+# does not pull another build. torchvision (needed by open_clip and timm, used by the OpenCLIP
+# tests) must match it; 2.14.1 / 0.29.1 is a pair that imports on CPU-only machines.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test lint install clean
 
@@ -14,7 +15,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
