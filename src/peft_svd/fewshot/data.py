@@ -377,8 +377,13 @@ def _processor_geometry(image_processor) -> tuple[tuple[int, int], int]:
         hw = (int(get(size, "shortest_edge")),) * 2
     else:
         raise ValueError(f"cannot tell the input size of image processor {type(image_processor).__name__}")
-    resample = getattr(image_processor, "resample", Image.BICUBIC)
-    return hw, int(resample if resample is not None else Image.BICUBIC)
+    resample = getattr(image_processor, "resample", None)
+    try:
+        resample = int(resample)
+    except (TypeError, ValueError):  # None, or a torchvision InterpolationMode: map it by name
+        name = getattr(resample, "name", str(resample)).split(".")[-1].upper()
+        resample = int(getattr(Image.Resampling, name, Image.Resampling.BICUBIC))
+    return hw, resample
 
 
 class TrainTransform:
