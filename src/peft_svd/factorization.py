@@ -15,19 +15,23 @@ import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 # Bumped whenever the numbers a cached file holds would change for the same weight.
-_CACHE_FORMAT = "peft-svd-factors-v1"
-# Above this condition number the Gram-matrix route loses accuracy in its smallest singular
-# directions (eigenvalue errors are ~1e-16 * s_max^2), so such matrices take a direct SVD.
-_GRAM_MAX_CONDITION = 1e4
-# Matrices of one shape decomposed per batched call (bounds float64 working memory).
+_CACHE_FORMAT = "peft-svd-factors-v2"
+# Singular values below this fraction of the largest are not taken from the Gram matrix: its
+# eigenvalue errors (~1e-16 * s_max^2) would leave their vectors inaccurate. Those values come
+# from an SVD of the weight restricted to their subspace, which the Gram route does get right.
+_GRAM_MIN_RATIO = 1e-3
+# Matrices of one shape decomposed per batched call on a GPU (bounds float64 working memory).
 _MAX_BATCH = 32
 
 
@@ -60,32 +64,110 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def _decompose_batch(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of a batch ``(B, m, n)`` of float64 matrices.
+    """Thin SVD of a batch ``(B, m, n)`` of float64 matrices: ``(U, S, Vh)``, S descending.
 
-    Uses the eigendecomposition of the smaller Gram matrix (several times faster than an SVD on
-    CPUs) and falls back to ``torch.linalg.svd`` for the matrices whose condition number makes
-    the Gram route inaccurate.
+    The right (or, for wide matrices, left) singular vectors come from the eigendecomposition of
+    the smaller Gram matrix, several times faster than an SVD on CPUs. Where that route is
+    inaccurate, for the singular values below ``_GRAM_MIN_RATIO`` of the largest, the matrix is
+    decomposed again on their subspace only (see :func:`_refine_small`).
     """
-    _, m, n = w.shape
-    tall = m >= n
-    gram = w.mT @ w if tall else w @ w.mT
-    evals, evecs = torch.linalg.eigh(gram)
-    evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending
+    tall = w.shape[-2] >= w.shape[-1]
+    a = w if tall else w.mT  # (B, M, N) with M >= N
+    evals, v = torch.linalg.eigh(a.mT @ a)
+    evals, v = evals.flip(-1), v.flip(-1)  # descending
     s = evals.clamp_min(0).sqrt()
-    if tall:
-        v = evecs
-        u = (w @ v) / s.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(-2)
-        vh = v.mT
-    else:
-        u = evecs
-        vh = (u.mT @ w) / s.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(-1)
+    keep = s > _GRAM_MIN_RATIO * s[:, :1]
+    u = (a @ v) / torch.where(keep, s, 1.0).unsqueeze(-2)
+    if not keep.all():
+        u, s, v = u.clone(), s.clone(), v.clone()
+        for i in torch.nonzero(~keep.all(-1)).flatten().tolist():
+            u[i], s[i], v[i] = _refine_small(a[i], u[i], s[i], v[i], int(keep[i].sum()))
+    return (u, s, v.mT) if tall else (v, s, u.mT)
 
-    ill = s[:, -1] * _GRAM_MAX_CONDITION < s[:, 0]
-    if ill.any():
-        u_, s_, vh_ = torch.linalg.svd(w[ill], full_matrices=False)
-        u, s, vh = u.clone(), s.clone(), vh.clone()
-        u[ill], s[ill], vh[ill] = u_, s_, vh_
-    return u, s, vh
+
+def _refine_small(a, u, s, v, k):
+    """Replace the singular triplets ``k:`` of ``a`` ``(M, N)``, ``M >= N``, by accurate ones.
+
+    ``v[:, k:]`` spans the subspace of the small singular values accurately (to ~1e-16 / ratio^2)
+    even where its individual vectors are not, so an SVD of ``a v[:, k:]`` ``(M, N - k)`` gives
+    them; their left vectors are then made orthogonal to ``u[:, :k]`` (removing the leakage of
+    the large directions), and directions of zero singular value, which carry no information,
+    get a deterministic orthonormal completion.
+    """
+    u1, v2 = u[:, :k], v[:, k:]
+    p, s2, qh = torch.linalg.svd(a @ v2, full_matrices=False)
+    v2 = v2 @ qh.mT
+    scale = float(s[0]) if k else 1.0
+    empty = s2 <= torch.finfo(a.dtype).eps * max(a.shape) * scale
+    if empty.any():
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        p = p.clone()
+        p[:, empty] = torch.randn(p.shape[0], int(empty.sum()), generator=gen, dtype=p.dtype).to(p.device)
+    for _ in range(2):  # twice: classical Gram-Schmidt loses orthogonality in one pass
+        p = p - u1 @ (u1.mT @ p)
+    q, r = torch.linalg.qr(p)
+    p = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+    u = torch.cat([u1, p], dim=1)
+    s = torch.cat([s[:k], s2])
+    v = torch.cat([v[:, :k], v2], dim=1)
+    order = torch.argsort(s, descending=True, stable=True)
+    return u[:, order], s[order], v[:, order]
+
+
+def _decompose_all(
+    blocks: list[torch.Tensor], device: torch.device, progress: bool
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Thin SVDs of ``blocks`` computed in float64 on ``device``, returned in float32 on each block's device.
+
+    On a GPU matrices of one shape are decomposed in batches. On a CPU each matrix is
+    decomposed by its own single-threaded worker, one per thread torch would use: LAPACK's
+    symmetric eigensolver gains little from a second thread (and loses much when the machine is
+    shared), while independent matrices scale with the cores.
+    """
+
+    def finish(block, u, s, vh):
+        return tuple(t.to(device=block.device, dtype=torch.float32).contiguous() for t in (u, s, vh))
+
+    out: list = [None] * len(blocks)
+    bar = tqdm(total=len(blocks), desc="Factorizing", disable=not progress)
+    if device.type != "cpu":
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, b in enumerate(blocks):
+            groups[tuple(b.shape)].append(i)
+        for members in groups.values():
+            for start in range(0, len(members), _MAX_BATCH):
+                chunk = members[start : start + _MAX_BATCH]
+                batch = torch.stack([blocks[i].to(device=device, dtype=torch.float64) for i in chunk])
+                u, s, vh = _decompose_batch(batch)
+                for j, i in enumerate(chunk):
+                    out[i] = finish(blocks[i], u[j], s[j], vh[j])
+                bar.update(len(chunk))
+        bar.close()
+        return out
+
+    def one(i):
+        u, s, vh = _decompose_batch(blocks[i].to(device=device, dtype=torch.float64).unsqueeze(0))
+        return i, finish(blocks[i], u[0], s[0], vh[0])
+
+    # largest first, so that no long job starts last
+    order = sorted(range(len(blocks)), key=lambda i: -blocks[i].numel() * min(blocks[i].shape))
+    workers = max(1, min(torch.get_num_threads(), len(blocks)))
+    with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
+        for i, result in pool.map(one, order):
+            out[i] = result
+            bar.update(1)
+    bar.close()
+    return out
+
+
+@contextmanager
+def _intra_op_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def factorize(
@@ -111,8 +193,9 @@ def factorize(
     if len(out_splits) != len(weights):
         raise ValueError(f"Got {len(weights)} weights but {len(out_splits)} out_splits.")
 
-    # (weight index, block index, row offset) grouped by block shape
-    blocks: dict[tuple[int, int], list[tuple[int, int, int]]] = defaultdict(list)
+    # every block of every weight (views), decomposed together
+    keys: list[tuple[int, int]] = []
+    blocks: list[torch.Tensor] = []
     for wi, (w, splits) in enumerate(zip(weights, out_splits)):
         if w.ndim != 2:
             raise ValueError(f"Expected 2-D weights, got a tensor of shape {tuple(w.shape)}.")
@@ -123,22 +206,10 @@ def factorize(
             )
         offset = 0
         for bi, rows in enumerate(splits):
-            blocks[(rows, w.shape[1])].append((wi, bi, offset))
+            blocks.append(w.detach()[offset : offset + rows])
+            keys.append((wi, bi))
             offset += rows
-
-    results: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    for (rows, cols), members in tqdm(blocks.items(), desc="Factorizing", disable=not progress):
-        for start in range(0, len(members), _MAX_BATCH):
-            chunk = members[start : start + _MAX_BATCH]
-            batch = torch.stack(
-                [
-                    weights[wi].detach()[off : off + rows].to(device=compute_device, dtype=torch.float64)
-                    for wi, _, off in chunk
-                ]
-            )
-            u, s, vh = _decompose_batch(batch)
-            for j, (wi, bi, _) in enumerate(chunk):
-                results[(wi, bi)] = (u[j], s[j], vh[j])
+    results = dict(zip(keys, _decompose_all(blocks, compute_device, progress)))
 
     factors = []
     for wi, (w, splits) in enumerate(zip(weights, out_splits)):
@@ -150,26 +221,22 @@ def factorize(
             u = torch.block_diag(*(p[0] for p in parts))
             s = torch.cat([p[1] for p in parts])
             vh = torch.cat([p[2] for p in parts])
-        factors.append(
-            Factors(
-                U=u.to(device=w.device, dtype=torch.float32).contiguous(),
-                S=s.to(device=w.device, dtype=torch.float32).contiguous(),
-                Vh=vh.to(device=w.device, dtype=torch.float32).contiguous(),
-            )
-        )
+        factors.append(Factors(U=u.contiguous(), S=s.contiguous(), Vh=vh.contiguous()))
     return factors
 
 
 def weight_key(weight: torch.Tensor, out_splits: Sequence[int] | None = None) -> str:
-    """Content hash of a weight (its exact bytes, dtype, shape and block split)."""
+    """Content hash of a weight (its exact bytes, dtype, shape and block split), 40 hex digits."""
     w = weight.detach()
     if w.device.type != "cpu":
         w = w.cpu()
-    h = hashlib.blake2b(digest_size=20)
+    # SHA-256: hashed at ~2 GB/s per core where the CPU has SHA instructions (2x BLAKE2b), and
+    # hashlib releases the GIL, so that several weights hash in parallel threads
+    h = hashlib.sha256()
     header = {"format": _CACHE_FORMAT, "shape": list(w.shape), "dtype": str(w.dtype), "splits": out_splits}
     h.update(json.dumps(header, sort_keys=True).encode())
     h.update(w.contiguous().view(torch.uint8).numpy().data)
-    return h.hexdigest()
+    return h.hexdigest()[:40]
 
 
 class FactorCache:
@@ -191,16 +258,13 @@ class FactorCache:
         if not path.is_file():
             return None
         try:
-            tensors = load_file(str(path), device=str(device))
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
                 meta = f.metadata() or {}
+                if meta.get("key") != key or set(f.keys()) != {"U", "S", "Vh"}:
+                    return None
+                return Factors(U=f.get_tensor("U"), S=f.get_tensor("S"), Vh=f.get_tensor("Vh"))
         except Exception:  # a truncated or foreign file is a cache miss, not an error
             return None
-        if meta.get("key") != key or set(tensors) != {"U", "S", "Vh"}:
-            return None
-        return Factors(U=tensors["U"], S=tensors["S"], Vh=tensors["Vh"])
 
     def store(self, key: str, factors: Factors) -> None:
         """Write atomically: a crash mid-write leaves no partial file under the final name."""
@@ -233,12 +297,11 @@ def factorize_cached(
         return factorize(weights, out_splits, device=device, progress=progress)
 
     cache = FactorCache(cache_dir)
-    keys = [weight_key(w, s) for w, s in zip(weights, out_splits)]
-    found: dict[int, Factors] = {}
-    for i, (w, key) in enumerate(zip(weights, keys)):
-        hit = cache.load(key, w.device)
-        if hit is not None:
-            found[i] = hit
+    # hashing and reading release the GIL: a few threads overlap them (about 2x on 2 cores)
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        keys = list(pool.map(weight_key, weights, out_splits))
+        hits = list(pool.map(cache.load, keys, [w.device for w in weights]))
+    found = {i: hit for i, hit in enumerate(hits) if hit is not None}
     missing = [i for i in range(len(weights)) if i not in found]
     if missing:
         computed = factorize(
