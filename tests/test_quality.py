@@ -114,6 +114,8 @@ def test_writes_json_table_and_plot(smoke_run, tiny):
             assert run["hm"] == pytest.approx(expected)
         if method in ("lora", "svd"):
             assert run["steps"] == 2 and math.isfinite(run["final_loss"])
+    # the progress bar's plan is the steps the runs took
+    assert saved["planned_training_steps"] == sum(r.get("steps", 0) for r in saved["runs"]) == 8
     # 5 classes x 1 shot; base-to-novel trains on the first 3 classes at 16 shots (6 images each)
     assert (
         runs[("few-shot", "lora")]["train_images"] == 5
