@@ -17,7 +17,7 @@ LoRA and SVD share everything else: the K shots of a seed, the data order, the a
 (RandomResizedCrop 0.08-1 and flip), the loss (cross-entropy on the model's temperature times the
 cosine to every class prompt, re-encoded at each step) and the evaluation (top-1 accuracy of the
 adapted model's zero-shot head on the test split). All of it is `peft_svd.fewshot`'s; this script
-only wires it and runs the grid. --lora-lr, --svd-lr, --crop-scale and --logit-scale change one
+only wires it and runs the grid. --lora-lr, --svd-lr, --crop-scale, --no-flip and --logit-scale change one
 ingredient of the recipes, to find out why a result differs from the paper's.
 
 Base-to-novel (unless --skip-base-to-novel): train on the first half of the classes at 16 shots,
@@ -95,6 +95,7 @@ _RUN_SETTINGS = (
     "base_to_novel_shots",
     "crop_scale",
     "logit_scale",
+    "flip",
 )
 
 
@@ -141,6 +142,13 @@ def parse_args(argv=None):
         default=[0.08, 1.0],
         metavar=("MIN", "MAX"),
         help="Area range of RandomResizedCrop for both trained methods (both papers: 0.08 1.0).",
+    )
+    p.add_argument(
+        "--no-flip",
+        dest="flip",
+        action="store_false",
+        help="No random horizontal flip for the trained methods (both papers flip; a mirrored glyph is "
+        "another glyph or none).",
     )
     p.add_argument(
         "--logit-scale",
@@ -314,7 +322,7 @@ def _train_and_evaluate(
         task.data.splits[task.train_split],
         rows,
         targets,
-        fsdata.TrainTransform(image_processor, scale=recipe.crop_scale),
+        fsdata.TrainTransform(image_processor, scale=recipe.crop_scale, flip=args.flip),
         seed=seed,
     )
     loader = torch.utils.data.DataLoader(
@@ -569,6 +577,7 @@ def main(argv=None):
         "batch_size": args.batch_size,
         "crop_scale": args.crop_scale,
         "logit_scale": args.logit_scale,
+        "flip": args.flip,
         "lora_lr": args.lora_lr,
         "svd_lr": args.svd_lr,
         "base_to_novel_shots": args.base_to_novel_shots,
