@@ -10,18 +10,14 @@ end-of-text token, so padding after it does not change the features, and short p
 import torch
 import torch.nn.functional as F
 
+from .models import image_features, model_library, text_features
 from .templates import build_prompts
 
 
 def check_dual_encoder(model) -> None:
-    """Raises ValueError unless `model` has CLIP's interface (get_text_features,
-    get_image_features, logit_scale)."""
-    missing = [a for a in ("get_text_features", "get_image_features", "logit_scale") if not hasattr(model, a)]
-    if missing:
-        raise ValueError(
-            f"{type(model).__name__} is not a CLIP-style dual encoder (it lacks {', '.join(missing)}); "
-            "few-shot adaptation needs a model such as CLIPModel"
-        )
+    """Raises ValueError unless `model` has CLIP's interface: transformers' (get_text_features,
+    get_image_features, logit_scale) or OpenCLIP's (encode_text, encode_image, logit_scale)."""
+    model_library(model)
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
@@ -39,20 +35,14 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_length: int | None = Non
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
-def _pooled(output) -> torch.Tensor:
-    # transformers >= 5 returns a model output whose pooler_output is the projected feature;
-    # older versions return the tensor itself.
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
 def encode_text(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Returns L2-normalised text features, shape (prompts, dim). Gradients flow if enabled."""
-    return F.normalize(_pooled(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)), dim=-1)
+    return F.normalize(text_features(model, input_ids, attention_mask), dim=-1)
 
 
 def encode_images(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """Returns L2-normalised image features, shape (batch, dim), from pixel_values (batch, 3, H, W)."""
-    return F.normalize(_pooled(model.get_image_features(pixel_values=pixel_values)), dim=-1)
+    return F.normalize(image_features(model, pixel_values), dim=-1)
 
 
 def logit_scale(model) -> torch.Tensor:

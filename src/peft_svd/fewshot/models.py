@@ -1,0 +1,352 @@
+"""The dual encoders few-shot adaptation runs on: Hugging Face transformers CLIP-style models and
+OpenCLIP models (BiomedCLIP included), behind the few calls the workflow makes.
+
+`load_dual_encoder(name)` returns the model with its tokenizer and image preprocessing, and the
+name to record in the adapter (`base_model_name_or_path`) so that the same call reloads it.
+`text_features` / `image_features` run either kind of model, adapted or not.
+
+Which kind of model a name is:
+
+| `name` | loaded with |
+|---|---|
+| `hf-hub:<org>/<name>` (e.g. BiomedCLIP) | `open_clip.create_model_from_pretrained` and `open_clip.get_tokenizer` |
+| a folder with `open_clip_config.json`, or `local-dir:<folder>` | the same, from the folder (open_clip's Hub layout: `open_clip_config.json` + `open_clip_model.safetensors` or `open_clip_pytorch_model.bin`, plus the tokenizer files of a Hugging Face text tower) |
+| an OpenCLIP architecture (`ViT-B-16`) with `pretrained` (a tag such as `openai`, or a weights file) | `open_clip.create_model_from_pretrained(name, pretrained)` |
+| anything else: a Hub id or a folder with `config.json` | transformers' `AutoModel`, `AutoTokenizer`, `AutoImageProcessor` |
+
+OpenCLIP's tokenizers pad every prompt to the model's context (77 tokens, 256 for BiomedCLIP).
+Where that padding cannot change the features, the prompts are cut to the longest one: text
+towers that mask padding themselves (Hugging Face towers such as BiomedCLIP's PubMedBERT), and
+causal towers pooled at the end-of-text token (OpenAI-style CLIP), which are then run on the
+shorter sequence with the matching slice of their positional embedding and causal mask. Other
+towers (bidirectional ones pooled at the last position, as SigLIP's) get the full context.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+_HF_HUB_PREFIX = "hf-hub:"
+_LOCAL_DIR_PREFIX = "local-dir:"
+_INSTALL_HINT = 'OpenCLIP models need open_clip and timm: pip install "peft-svd[openclip]"'
+
+
+@dataclass
+class DualEncoder:
+    """A CLIP-style model with what it needs around it.
+
+    Attributes:
+        model: the base model (`transformers` CLIPModel-like, or an OpenCLIP `CLIP` /
+            `CustomTextCLIP`), not yet adapted.
+        tokenizer: `tokenizer(prompts, padding="longest", truncation=..., max_length=...,
+            return_tensors="pt")` returns `{"input_ids", "attention_mask"}`, each (prompts, tokens);
+            see `zeroshot.tokenize_prompts`.
+        image_processor: `image_processor(images=pil_image, return_tensors="pt")["pixel_values"]`
+            is (1, 3, H, W); its `crop_size` / `size`, `resample`, `image_mean` and `image_std`
+            set the training augmentation (`data.TrainTransform`).
+        name: what to record as the adapter's `base_model_name_or_path`; `load_dual_encoder(name,
+            pretrained=revision)` loads the same model again.
+        library: "transformers" or "open_clip".
+        revision: the OpenCLIP pretrained tag or weights file when `name` is an architecture name
+            (recorded as the adapter's `revision`), else None.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    image_processor: Any
+    name: str
+    library: str
+    revision: str | None = None
+
+
+def _import_open_clip():
+    try:
+        import open_clip
+    except ImportError as exc:
+        raise ImportError(f"{_INSTALL_HINT} ({type(exc).__name__}: {exc})") from exc
+    return open_clip
+
+
+def is_open_clip_name(name: str, pretrained: str | None = None) -> bool:
+    """Returns whether `name` (with `pretrained`) designates an OpenCLIP model (see the module table)."""
+    if name.startswith((_HF_HUB_PREFIX, _LOCAL_DIR_PREFIX)) or pretrained is not None:
+        return True
+    return os.path.isfile(os.path.join(name, OPEN_CLIP_CONFIG))
+
+
+def load_dual_encoder(name: str, *, pretrained: str | None = None) -> DualEncoder:
+    """Loads a CLIP-style model, its tokenizer and its image preprocessing.
+
+    Args:
+        name: `hf-hub:<org>/<name>`, an OpenCLIP checkpoint folder (or `local-dir:<folder>`), an
+            OpenCLIP architecture name (with `pretrained`), or a transformers Hub id or folder.
+        pretrained: OpenCLIP pretrained tag or weights file, only with an architecture name.
+
+    Returns:
+        A `DualEncoder`; for OpenCLIP models `model.name_or_path` is set to `name`, so that PEFT
+        records it as the adapter's `base_model_name_or_path` as it does for transformers models.
+
+    Raises:
+        ImportError: an OpenCLIP model without open_clip installed.
+        ValueError: `pretrained` with a name that carries its own weights, or an OpenCLIP
+            architecture name without `pretrained`.
+    """
+    if not is_open_clip_name(name, pretrained):
+        if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+            raise ValueError(
+                f"--model {name!r} is a folder with neither config.json (a transformers model) nor "
+                f"{OPEN_CLIP_CONFIG} (an OpenCLIP checkpoint)"
+            )
+        open_clip = _open_clip_if_architecture(name)
+        if open_clip is not None:
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)[:6]) or "none known"
+            raise ValueError(
+                f"{name!r} is an OpenCLIP architecture; give its weights with --pretrained TAG or FILE "
+                f"(tags: {tags}), or use an hf-hub:<org>/<name> model"
+            )
+        return _load_transformers(name)
+    return _load_open_clip(name, pretrained)
+
+
+def _open_clip_if_architecture(name: str):
+    """Returns the open_clip module if it is installed and `name` is one of its architectures."""
+    if "/" in name or os.path.exists(name):
+        return None
+    try:
+        import open_clip
+    except ImportError:
+        return None
+    return open_clip if name in open_clip.list_models() else None
+
+
+def _load_transformers(name: str) -> DualEncoder:
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    image_processor = AutoImageProcessor.from_pretrained(name)
+    model = AutoModel.from_pretrained(name)
+    return DualEncoder(model, tokenizer, image_processor, name=name, library="transformers")
+
+
+def _load_open_clip(name: str, pretrained: str | None) -> DualEncoder:
+    open_clip = _import_open_clip()
+    source = name
+    if name.startswith(_HF_HUB_PREFIX) or name.startswith(_LOCAL_DIR_PREFIX):
+        if pretrained is not None:
+            raise ValueError(
+                f"--pretrained is for OpenCLIP architecture names; {name!r} carries its own weights"
+            )
+    elif pretrained is None:  # a checkpoint folder
+        if not hasattr(open_clip.factory, "LOCAL_DIR_PREFIX"):
+            raise ImportError(
+                f"loading a local OpenCLIP checkpoint needs open_clip_torch >= 3.0 (found {open_clip.__version__})"
+            )
+        source = _LOCAL_DIR_PREFIX + name
+    elif name not in open_clip.list_models():
+        raise ValueError(
+            f"{name!r} is not an OpenCLIP architecture (open_clip.list_models()); --pretrained needs one"
+        )
+    model, preprocess = open_clip.create_model_from_pretrained(source, pretrained=pretrained)
+    tokenizer = open_clip.get_tokenizer(source)
+    model.name_or_path = name  # PEFT records this as base_model_name_or_path
+    return DualEncoder(
+        model,
+        OpenCLIPTokenizer(tokenizer, pad_to_longest=_pads_to_longest_safely(model, tokenizer)),
+        OpenCLIPImageProcessor(open_clip.get_model_preprocess_cfg(model), preprocess),
+        name=name,
+        library="open_clip",
+        revision=pretrained,
+    )
+
+
+class OpenCLIPTokenizer:
+    """An OpenCLIP tokenizer called as the workflow calls transformers' tokenizers.
+
+    Args:
+        tokenizer: from `open_clip.get_tokenizer`; returns ids padded to the context, (prompts, context).
+        pad_to_longest: cut the ids after the longest prompt (only where the model's text tower
+            gives the same features, see the module docstring).
+
+    The returned `attention_mask` marks the columns each prompt needs (its tokens up to the
+    end-of-text token, or every column when the full context is kept); the OpenCLIP model is
+    called with the ids alone.
+    """
+
+    def __init__(self, tokenizer, *, pad_to_longest: bool):
+        self.tokenizer = tokenizer
+        self.pad_to_longest = pad_to_longest
+        self.model_max_length = int(tokenizer.context_length)
+        hf_tokenizer = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer / SigLipTokenizer
+        pad = getattr(hf_tokenizer, "pad_token_id", None)
+        self.pad_token_id = 0 if pad is None else int(pad)  # open_clip's SimpleTokenizer pads with 0
+
+    def __call__(self, prompts, padding="longest", truncation=True, max_length=None, return_tensors="pt"):
+        """Returns `{"input_ids", "attention_mask"}`, int64 tensors of shape (prompts, tokens)."""
+        if padding not in ("longest", True) or return_tensors != "pt":
+            raise ValueError("OpenCLIPTokenizer pads to the longest prompt and returns PyTorch tensors only")
+        ids = self.tokenizer(list(prompts), context_length=max_length or self.model_max_length).long()
+        if not self.pad_to_longest:
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        positions = torch.arange(ids.shape[1])
+        # Length of a prompt: one past its last non-padding token (the end-of-text token).
+        lengths = torch.where(ids != self.pad_token_id, positions + 1, 0).amax(dim=1)
+        width = max(int(lengths.max()), 1)
+        mask = (positions[:width] < lengths[:, None]).long()
+        return {"input_ids": ids[:, :width].contiguous(), "attention_mask": mask}
+
+
+class OpenCLIPImageProcessor:
+    """OpenCLIP's evaluation preprocessing, with the attributes the training augmentation reads.
+
+    Args:
+        preprocess_cfg: `open_clip.get_model_preprocess_cfg(model)` (size, mean, std, interpolation).
+        transform: the evaluation transform of `open_clip.create_model_from_pretrained` (PIL image ->
+            (3, H, W) tensor).
+    """
+
+    def __init__(self, preprocess_cfg: dict, transform):
+        size = preprocess_cfg.get("size", 224)
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        self.size = self.crop_size = {"height": int(height), "width": int(width)}
+        self.do_center_crop = True
+        interpolation = str(preprocess_cfg.get("interpolation", "bicubic")).upper()
+        self.resample = getattr(Image.Resampling, interpolation, Image.Resampling.BICUBIC)
+        self.image_mean = [float(v) for v in np.broadcast_to(preprocess_cfg.get("mean"), 3)]
+        self.image_std = [float(v) for v in np.broadcast_to(preprocess_cfg.get("std"), 3)]
+        self.transform = transform
+
+    def __call__(self, images, return_tensors="pt"):
+        """Returns `{"pixel_values": (images, 3, H, W) float32}` for a PIL image or a list of them."""
+        if return_tensors != "pt":
+            raise ValueError("OpenCLIPImageProcessor returns PyTorch tensors only")
+        images = images if isinstance(images, (list, tuple)) else [images]
+        return {"pixel_values": torch.stack([self.transform(image) for image in images])}
+
+
+def _text_tower(model):
+    """Returns the module holding an OpenCLIP model's text transformer: the model itself (`CLIP`
+    keeps the text tower's parts as its own attributes) or its `text` tower."""
+    return model.text if isinstance(getattr(model, "text", None), torch.nn.Module) else model
+
+
+def _slices_causal_text(tower) -> bool:
+    """Whether `tower` is a causal OpenCLIP text transformer pooled at the end-of-text token, so
+    that it can run on prompts cut after their longest member."""
+    pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", None))
+    return (
+        hasattr(tower, "token_embedding")
+        and torch.is_tensor(getattr(tower, "attn_mask", None))
+        and getattr(tower, "cls_emb", None) is None
+        and not getattr(tower, "use_pad_mask", False)
+        and pool in ("argmax", "eos")
+    )
+
+
+def _masks_padding(tower) -> bool:
+    # open_clip's HFTextEncoder builds its attention mask from the pad token and pools with it.
+    return (
+        hasattr(tower, "transformer")
+        and hasattr(tower, "pooler")
+        and hasattr(getattr(tower, "config", None), "pad_token_id")
+    )
+
+
+def _pads_to_longest_safely(model, tokenizer) -> bool:
+    """Whether prompts of `model` can be cut after the longest one without changing its features."""
+    if getattr(tokenizer, "tokenizer_mode", "") == "clips":  # class token appended after the padding
+        return False
+    tower = _text_tower(model)
+    return _masks_padding(tower) or _slices_causal_text(tower)
+
+
+def _base_model(model):
+    # A PeftModel forwards attributes to the base model, but the text tower is read part by part.
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def model_library(model) -> str:
+    """Returns "transformers" or "open_clip" for a (possibly PEFT-wrapped) CLIP-style model.
+
+    Raises:
+        ValueError: the model has neither interface.
+    """
+    base = _base_model(model)
+    if all(hasattr(base, a) for a in ("get_text_features", "get_image_features", "logit_scale")):
+        return "transformers"
+    if all(hasattr(base, a) for a in ("encode_text", "encode_image", "logit_scale")):
+        return "open_clip"
+    raise ValueError(
+        f"{type(base).__name__} is not a CLIP-style dual encoder (it has neither get_text_features / "
+        "get_image_features nor encode_text / encode_image, with logit_scale); few-shot adaptation needs a "
+        "model such as transformers' CLIPModel or an OpenCLIP model"
+    )
+
+
+def _pooled(output) -> torch.Tensor:
+    # transformers >= 5 returns a model output whose pooler_output is the projected feature;
+    # older versions return the tensor itself.
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _causal_text_features(tower, input_ids: torch.Tensor) -> torch.Tensor:
+    # OpenCLIP's encode_text adds the whole positional embedding and causal mask, so it only takes
+    # full-context ids. The same computation on the first `tokens` positions: causal attention
+    # and pooling at the end-of-text token make the padding after it irrelevant.
+    from open_clip.transformer import text_global_pool
+
+    tokens = input_ids.shape[1]
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(input_ids).to(cast_dtype) + tower.positional_embedding[:tokens].to(cast_dtype)
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:tokens, :tokens])
+    x = tower.ln_final(x)
+    pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+    eos = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+    x = text_global_pool(x, input_ids, pool, eos_token_id=eos)
+    projection = tower.text_projection
+    if projection is None:
+        return x
+    return projection(x) if isinstance(projection, torch.nn.Module) else x @ projection
+
+
+def text_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Returns the projected, unnormalised text features, (prompts, dim), of a (possibly adapted)
+    transformers or OpenCLIP model. Gradients flow if enabled.
+
+    Args:
+        input_ids: (prompts, tokens), from the `DualEncoder`'s tokenizer.
+        attention_mask: (prompts, tokens); used by transformers models (OpenCLIP models mask
+            padding themselves, or are causal).
+    """
+    if model_library(model) == "transformers":
+        return _pooled(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+    base = _base_model(model)
+    tower = _text_tower(base)
+    context = tower.attn_mask.shape[0] if torch.is_tensor(getattr(tower, "attn_mask", None)) else None
+    if context is not None and input_ids.shape[1] < context and _slices_causal_text(tower):
+        return _causal_text_features(tower, input_ids)
+    return base.encode_text(input_ids)
+
+
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Returns the projected, unnormalised image features, (batch, dim), of a (possibly adapted)
+    transformers or OpenCLIP model, from pixel_values (batch, 3, H, W)."""
+    if model_library(model) == "transformers":
+        return _pooled(model.get_image_features(pixel_values=pixel_values))
+    return _base_model(model).encode_image(pixel_values)
+
+
+def read_adapter_base(adapter: str) -> tuple[str | None, str | None]:
+    """Returns `(base_model_name_or_path, revision)` recorded in a local adapter folder's
+    adapter_config.json, `(None, None)` if there is none."""
+    path = os.path.join(adapter, "adapter_config.json")
+    if not os.path.isfile(path):
+        return None, None
+    with open(path) as f:
+        config = json.load(f)
+    return config.get("base_model_name_or_path"), config.get("revision")
