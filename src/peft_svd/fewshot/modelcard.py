@@ -39,15 +39,28 @@ def results_table(results: dict) -> str:
     return "\n".join(["| dataset | classes | zero-shot | adapted |", "|---|---|---|---|", *_result_rows(results)])
 
 
+def _base_model_code(summary: dict) -> list[str]:
+    """Returns the lines of Python that load the base model named in `summary`."""
+    model = summary["model"]
+    if summary.get("model_library") != "open_clip":
+        return ["from transformers import CLIPModel", "", f'base = CLIPModel.from_pretrained("{model}")']
+    source = model if model.startswith(("hf-hub:", "local-dir:")) or summary.get("pretrained") else f"local-dir:{model}"
+    pretrained = f', pretrained="{summary["pretrained"]}"' if summary.get("pretrained") else ""
+    return ["import open_clip", "", f'base, preprocess = open_clip.create_model_from_pretrained("{source}"{pretrained})']
+
+
 def model_card(summary: dict) -> str:
     """Returns the text of README.md for an adapter, from the `results.json` summary written by
     examples/fewshot.py (keys: model, dataset, protocol, shots, seed, template, recipe, training,
-    trainable_parameters, total_parameters, results, command)."""
+    trainable_parameters, total_parameters, results, command; for OpenCLIP models also
+    model_library "open_clip" and, with an architecture name, pretrained)."""
     model, dataset = summary["model"], summary["dataset"]
     local_model = os.path.isabs(model) or os.path.exists(model)
+    # An OpenCLIP model is on the Hub only as hf-hub:<id>; an architecture name is not a Hub id.
+    hub_id = model.removeprefix("hf-hub:") if summary.get("model_library") != "open_clip" or model.startswith("hf-hub:") else None
     header = ["---", "library_name: peft"]
-    if not local_model:
-        header.append(f"base_model: {model}")
+    if not local_model and hub_id:
+        header.append(f"base_model: {hub_id}")
     header += ["pipeline_tag: zero-shot-image-classification", "tags:", "- peft-svd", "- clip-svd", "- few-shot", "- clip"]
     if not (dataset.startswith("builtin:") or os.path.exists(dataset)):
         header += ["datasets:", f"- {dataset}"]
@@ -91,9 +104,7 @@ def model_card(summary: dict) -> str:
         "```python",
         "import peft_svd  # registers the SVD method with PEFT",
         "from peft import PeftModel",
-        "from transformers import CLIPModel",
-        "",
-        f'base = CLIPModel.from_pretrained("{model}")',
+        *_base_model_code(summary),
         'model = PeftModel.from_pretrained(base, "<this adapter>")',
         "```",
         "",
