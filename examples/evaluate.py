@@ -24,18 +24,20 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 from accelerate import Accelerator
 from peft import PeftModel
-from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 import peft_svd  # noqa: F401  (registers the SVD method with PEFT, needed to load the adapter)
 from peft_svd.fewshot import data as fsdata
-from peft_svd.fewshot import evaluation, templates
+from peft_svd.fewshot import evaluation, models, templates
 from peft_svd.fewshot.modelcard import results_table
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--adapter", required=True, help="Folder of an adapter saved by examples/fewshot.py (or a Hub id).")
-    p.add_argument("--model", default=None, help="Base model (default: the adapter's base_model_name_or_path).")
+    p.add_argument("--model", default=None, help="Base model (default: the adapter's base_model_name_or_path), in any "
+                   "form examples/fewshot.py accepts.")
+    p.add_argument("--pretrained", default=None, help="OpenCLIP pretrained tag or weights file of an architecture "
+                   "--model (default: the adapter's recorded revision).")
     p.add_argument("--dataset", nargs="+", required=True, help="Datasets to evaluate on: Hub ids, local folders, builtin:<name>.")
     p.add_argument("--dataset-config", default=None, help="Hub dataset configuration name (all datasets).")
     p.add_argument("--image-column", default=None, help="Image column (default: detected).")
@@ -59,15 +61,6 @@ def parse_args(argv=None):
     return args
 
 
-def adapter_base_model(adapter: str) -> str | None:
-    """Returns the base model recorded in the adapter's adapter_config.json, if it is a local folder."""
-    path = os.path.join(adapter, "adapter_config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("base_model_name_or_path")
-
-
 def main(argv=None):
     args = parse_args(argv)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
@@ -77,8 +70,9 @@ def main(argv=None):
 
     if os.path.isdir(args.adapter) and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         raise SystemExit(f"error: {args.adapter} has no adapter_config.json; give the --output-dir of examples/fewshot.py")
-    saved_base = adapter_base_model(args.adapter)
+    saved_base, saved_pretrained = models.read_adapter_base(args.adapter)
     model_name = args.model or saved_base
+    pretrained = args.pretrained or (saved_pretrained if args.model in (None, saved_base) else None)
     if model_name is None:
         raise SystemExit("error: the adapter does not name its base model; pass --model")
 
@@ -94,11 +88,10 @@ def main(argv=None):
         fsdata.check_labelled(data, split)
         sets.append((data, split, args.template or data.template or templates.template_for(data.name)))
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name)
-    image_processor = AutoImageProcessor.from_pretrained(model_name)
-    base = AutoModel.from_pretrained(model_name)
+    encoder = models.load_dual_encoder(model_name, pretrained=pretrained)
+    tokenizer, image_processor = encoder.tokenizer, encoder.image_processor
     try:
-        model = PeftModel.from_pretrained(base, args.adapter)
+        model = PeftModel.from_pretrained(encoder.model, args.adapter)
     except ValueError as exc:
         hint = f" It was trained on {saved_base!r}; pass that as --model." if saved_base and saved_base != model_name else ""
         raise SystemExit(f"error: adapter {args.adapter} cannot be loaded onto base model {model_name}: {str(exc).rstrip('.')}.{hint}") from exc
@@ -114,7 +107,8 @@ def main(argv=None):
         print(results_table(results))
         if args.output:
             with open(args.output, "w") as f:
-                json.dump({"adapter": args.adapter, "model": model_name, "command": sys.argv, "results": results}, f, indent=2)
+                record = {"adapter": args.adapter, "model": model_name, **({"pretrained": pretrained} if pretrained else {})}
+                json.dump({**record, "command": sys.argv, "results": results}, f, indent=2)
             print(f"results written to {args.output}")
     accelerator.end_training()
 

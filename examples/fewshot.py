@@ -6,6 +6,8 @@ One command on one CPU, one GPU or many GPUs:
     accelerate launch examples/fewshot.py        # built-in model and dataset, offline
     accelerate launch examples/fewshot.py --model openai/clip-vit-base-patch16 \\
         --dataset path/or/hub-id --shots 16 --seed 1 --output-dir runs/eurosat-16shot
+    accelerate launch examples/fewshot.py \\
+        --model hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 --dataset path/to/BUSI --shots 16
     accelerate launch --multi_gpu --num_processes 8 examples/fewshot.py ...
 
 Trains on K images per class, evaluates on the test split (zero-shot and adapted accuracy), and
@@ -31,12 +33,11 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, set_seed
 from peft import get_peft_model
-from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 import peft_svd
 from peft_svd import recipes
 from peft_svd.fewshot import data as fsdata
-from peft_svd.fewshot import evaluation, modelcard, templates, training
+from peft_svd.fewshot import evaluation, modelcard, models, templates, training
 from peft_svd.fewshot.zeroshot import tokenize_prompts
 
 logger = get_logger(__name__)
@@ -45,7 +46,11 @@ logger = get_logger(__name__)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=None, help="CLIP model: Hub id or local folder. Default: the built-in model.")
+    g.add_argument("--model", default=None, help="CLIP model: a transformers Hub id or folder; an OpenCLIP model "
+                   "(pip install 'peft-svd[openclip]'): hf-hub:<org>/<name>, a checkpoint folder with open_clip_config.json, "
+                   "or an architecture name with --pretrained. Default: the built-in model.")
+    g.add_argument("--pretrained", default=None, help="With an OpenCLIP architecture as --model (e.g. ViT-B-16): its "
+                   "pretrained tag (e.g. openai) or a weights file.")
     g.add_argument("--dataset", default=None, help="Hub dataset id, local folder (imagefolder layout <split>/<class>/<image>, "
                    "or save_to_disk), or builtin:<name>. Default: the built-in dataset.")
     g.add_argument("--dataset-config", default=None, help="Hub dataset configuration name.")
@@ -119,6 +124,9 @@ def parse_args(argv=None):
         p.error("--checkpointing-steps must be at least 1")
     if args.resume_from_checkpoint == "latest" and args.output_dir is None:
         p.error("--resume-from-checkpoint latest needs the --output-dir of the interrupted run")
+    if args.pretrained is not None and (args.model is None or args.model.startswith(("hf-hub:", "local-dir:"))):
+        p.error("--pretrained goes with an OpenCLIP architecture as --model (e.g. --model ViT-B-16 --pretrained openai); "
+                "hf-hub: and local-dir: models carry their own weights")
     if args.push_to_hub:
         from huggingface_hub import constants
 
@@ -242,17 +250,17 @@ def main(argv=None):
         if resume_path is None or not os.path.isdir(resume_path):
             raise SystemExit(f"error: no checkpoint to resume from at {resume_path or checkpoint_root}")
     run = {
-        "model": model_name, "dataset": dataset_source, "protocol": args.protocol, "shots": args.shots,
+        "model": model_name, **({"pretrained": args.pretrained} if args.pretrained else {}),
+        "dataset": dataset_source, "protocol": args.protocol, "shots": args.shots,
         "seed": args.seed, "template": template, "num_steps": num_steps, "train_images": len(shot_rows),
         "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.to_dict().items()},
     }
     start_step = training.read_checkpoint(resume_path, run) if resume_path else 0
 
-    # Model: CLIP with singular-value fine-tuning on both encoders.
-    tokenizer = AutoTokenizer.from_pretrained(model_name)
-    image_processor = AutoImageProcessor.from_pretrained(model_name)
-    base = AutoModel.from_pretrained(model_name)
-    model = get_peft_model(base, peft_svd.SVDConfig())
+    # Model: CLIP with singular-value fine-tuning on both encoders (transformers or OpenCLIP).
+    encoder = models.load_dual_encoder(model_name, pretrained=args.pretrained)
+    tokenizer, image_processor = encoder.tokenizer, encoder.image_processor
+    model = get_peft_model(encoder.model, peft_svd.SVDConfig(), revision=encoder.revision)
     trainable, total = model.get_nb_trainable_parameters()
     accelerator.print(
         f"{model_name}: {trainable:,} trainable singular values ({100 * trainable / total:.3f}% of {total:,} parameters); "
@@ -296,7 +304,9 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
-        peft_model.save_pretrained(output_dir)
+        # The SVD tuner adapts linear layers only; this also skips PEFT's Hub lookup of the base model's
+        # config.json (OpenCLIP models have none).
+        peft_model.save_pretrained(output_dir, save_embedding_layers=False)
 
     # Evaluation: the protocol's classes on the test split, then the other datasets.
     eval_options = dict(zero_shot=not args.skip_zero_shot, batch_size=args.eval_batch_size, num_workers=num_workers)
@@ -315,7 +325,8 @@ def main(argv=None):
         summary = {
             **run,
             "dataset_name": data.name, "num_classes": data.num_classes, "classes_trained": len(train_names),
-            "test_split": test_split, "trainable_parameters": trainable, "total_parameters": total,
+            "model_library": encoder.library, "test_split": test_split,
+            "trainable_parameters": trainable, "total_parameters": total,
             "training": {
                 "steps": stats.steps, "resumed_from_step": start_step, "final_loss": stats.final_loss,
                 "mean_loss": stats.mean_loss, "wall_time_s": stats.wall_time_s,

@@ -308,7 +308,7 @@ def test_unlabelled_dataset_is_refused_before_the_model_loads(fewshot, tiny_clip
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the dataset was checked")
 
-    monkeypatch.setattr(fewshot.AutoModel, "from_pretrained", must_not_load)
+    monkeypatch.setattr(fewshot.models, "load_dual_encoder", must_not_load)
     with pytest.raises(ValueError, match="no label column"):
         fewshot.main(["--model", tiny_clip_dir, "--dataset", path, "--output-dir", str(tmp_path / "out")])
 
