@@ -1,5 +1,6 @@
-"""Few-shot adaptation of CLIP with singular-value fine-tuning: data, prompts, training,
-evaluation and the model card. `examples/fewshot.py` and `examples/evaluate.py` wire these parts."""
+"""Few-shot adaptation of CLIP with singular-value fine-tuning: models (transformers or OpenCLIP),
+data, prompts, training, evaluation and the model card. `examples/fewshot.py` and
+`examples/evaluate.py` wire these parts."""
 
 from .data import (
     ImageClassificationData,
@@ -10,12 +11,14 @@ from .data import (
 )
 from .evaluation import evaluate_accuracy, evaluate_protocol, harmonic_mean, load_accuracy_metric
 from .modelcard import model_card, write_model_card
+from .models import DualEncoder, load_dual_encoder
 from .templates import DEFAULT_TEMPLATE, TEMPLATES, check_template, template_for
 from .training import FewShotRecipe, PromptClassifier, train
 from .zeroshot import tokenize_prompts, zero_shot_head
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "DualEncoder",
     "TEMPLATES",
     "FewShotRecipe",
     "ImageClassificationData",
@@ -27,6 +30,7 @@ __all__ = [
     "evaluate_protocol",
     "harmonic_mean",
     "load_accuracy_metric",
+    "load_dual_encoder",
     "load_image_classification",
     "model_card",
     "sample_few_shot",
