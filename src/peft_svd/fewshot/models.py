@@ -158,11 +158,19 @@ def _load_open_clip(name: str, pretrained: str | None) -> DualEncoder:
     return DualEncoder(
         model,
         OpenCLIPTokenizer(tokenizer, pad_to_longest=_pads_to_longest_safely(model, tokenizer)),
-        OpenCLIPImageProcessor(open_clip.get_model_preprocess_cfg(model), preprocess),
+        OpenCLIPImageProcessor(_preprocess_cfg(model), preprocess),
         name=name,
         library="open_clip",
         revision=pretrained,
     )
+
+
+def _preprocess_cfg(model) -> dict:
+    """Returns the model's full preprocessing config (size, mean, std, interpolation, ...), with
+    open_clip's defaults for what the model does not set."""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    return merge_preprocess_dict(PreprocessCfg(), _import_open_clip().get_model_preprocess_cfg(model))
 
 
 class OpenCLIPTokenizer:
@@ -205,7 +213,7 @@ class OpenCLIPImageProcessor:
     """OpenCLIP's evaluation preprocessing, with the attributes the training augmentation reads.
 
     Args:
-        preprocess_cfg: `open_clip.get_model_preprocess_cfg(model)` (size, mean, std, interpolation).
+        preprocess_cfg: the model's preprocessing config (keys size, mean, std, interpolation).
         transform: the evaluation transform of `open_clip.create_model_from_pretrained` (PIL image ->
             (3, H, W) tensor).
     """
@@ -217,8 +225,8 @@ class OpenCLIPImageProcessor:
         self.do_center_crop = True
         interpolation = str(preprocess_cfg.get("interpolation", "bicubic")).upper()
         self.resample = getattr(Image.Resampling, interpolation, Image.Resampling.BICUBIC)
-        self.image_mean = [float(v) for v in np.broadcast_to(preprocess_cfg.get("mean"), 3)]
-        self.image_std = [float(v) for v in np.broadcast_to(preprocess_cfg.get("std"), 3)]
+        self.image_mean = [float(v) for v in np.broadcast_to(preprocess_cfg["mean"], 3)]
+        self.image_std = [float(v) for v in np.broadcast_to(preprocess_cfg["std"], 3)]
         self.transform = transform
 
     def __call__(self, images, return_tensors="pt"):
