@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .config import SVDConfig
-from .factorization import Factors, rank_of
+from .factorization import Factors, _intra_op_threads, rank_of
 
 
 class SVDLayer(BaseTunerLayer):
@@ -230,6 +230,13 @@ def base_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     Frobenius norm, element sum, three random +-1 sketches `p^T W q` (fixed per shape), and the
     machine epsilon of the weight's dtype (which sets how close two fingerprints must be).
     """
+    # One intra-op thread on the CPU: these few small products gain nothing from more, and on a
+    # CPU shared with other jobs each of them would wait at barriers (20x slower on 2 busy cores).
+    with _intra_op_threads(1) if weight.device.type == "cpu" else contextlib.nullcontext():
+        return _fingerprint(weight)
+
+
+def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
     w = weight.detach().to(torch.float64)
     out_f, in_f = w.shape
     gen = torch.Generator().manual_seed(out_f * 1_000_003 + in_f)
