@@ -22,13 +22,19 @@ Prompts are synthetic token ids with the shape of "a photo of a {class name}.": 
 template tokens, a class name of 1-3 words of 1-3 BPE tokens each, ".", end token (8-16 tokens).
 All methods but `reference_77` pad them to the longest prompt.
 
-Times are medians over rounds in which every method runs one step in turn (rotating order), so
-that the load of a shared machine hits all methods alike; ratios come from the same run. Peak
-memory is measured for each method in its own subprocess: on a GPU `torch.cuda.max_memory_allocated`
-minus the memory allocated after the model is built; on the CPU the peak resident set size
-(`VmHWM`, reset through /proc/self/clear_refs after the build) minus the resident set size after
-the build, with glibc made to return freed blocks at once (`MALLOC_MMAP_THRESHOLD_`). The memory
-of the model itself (parameters and buffers) is reported apart.
+Every round runs one step of every method in turn (rotating the order). Step times are medians
+over rounds; a ratio between two methods is the median of their per-round ratios, so that the
+load of a shared machine mostly cancels. Process CPU time is recorded next to wall time. On a
+CPU shared with other jobs, `--threads 1` gives far steadier ratios: with two threads, every
+operator waits at a barrier whenever one of them is descheduled.
+
+Peak memory is measured for each method in its own subprocess: on a GPU
+`torch.cuda.max_memory_allocated` minus the memory allocated after the model is built; on the
+CPU the peak resident set size (`VmHWM`, reset through /proc/self/clear_refs after the build)
+minus the resident set size after the build, with glibc made to return freed blocks at once
+(`MALLOC_MMAP_THRESHOLD_`). Both count what training adds (activations, gradients, optimizer
+state); the memory of the model itself (parameters, buffers and peft-svd's factors) is reported
+apart, and "incl. model" ratios add it.
 
     python benchmarks/bench_train_step.py                  # CPU default: a few minutes on 2 cores
     python benchmarks/bench_train_step.py --prompts 1000
@@ -132,7 +138,10 @@ def synthetic_prompts(num_classes: int, vocab_size: int, seed: int = 0) -> list[
 
 def pad_prompts(prompts: list[list[int]], length: int | None, pad_id: int) -> dict[str, torch.Tensor]:
     """`input_ids` and `attention_mask` `(num_prompts, length)`; `length=None`: the longest prompt."""
-    length = length or max(len(p) for p in prompts)
+    longest = max(len(p) for p in prompts)
+    if length is not None and length < longest:
+        raise ValueError(f"Cannot pad to {length} tokens: the longest prompt has {longest}.")
+    length = length or longest
     ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), length), dtype=torch.long)
     for i, p in enumerate(prompts):
@@ -148,7 +157,7 @@ def make_inputs(args, device):
     return {
         "pixel_values": torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(device),
         "labels": torch.randint(0, args.prompts, (args.batch,), generator=g).to(device),
-        "text_longest": {k: v.to(device) for k, v in pad_prompts(prompts, None, pad_id).items()},
+        "text_longest": {k: v.to(device) for k, v in pad_prompts(prompts, args.pad_to, pad_id).items()},
         "text_77": {k: v.to(device) for k, v in pad_prompts(prompts, _CONTEXT, pad_id).items()},
     }
 
@@ -468,9 +477,8 @@ def forms_chosen(args) -> dict:
     from peft_svd.layer import _use_factored_for
 
     vision_tokens = args.batch * (1 + (args.image_size // 16) ** 2)
-    text_tokens = args.prompts * max(
-        len(p) for p in synthetic_prompts(args.prompts, args.vocab_size, args.seed + 2)
-    )
+    longest = max(len(p) for p in synthetic_prompts(args.prompts, args.vocab_size, args.seed + 2))
+    text_tokens = args.prompts * (args.pad_to or longest)
     out = {}
     for encoder, width, tokens in (
         ("vision", args.vision_width, vision_tokens),
@@ -533,7 +541,12 @@ def render_table(result: dict) -> str:
             f"| {f(_ratio(r.get('peak_above_model'), lora.get('peak_above_model')))} | {_fmt_bytes(r.get('model_bytes'))} "
             f"| {r['trainable_params']:,} | {_fmt_bytes(r.get('saved_bytes'))} |"
         )
-    lines += ["", "| evaluation | step (ms, median) | images/s | throughput vs base |", "|---|---|---|---|"]
+    if any(name in m for name in EVAL_METHODS):
+        lines += [
+            "",
+            "| evaluation | step (ms, median) | images/s | throughput vs base |",
+            "|---|---|---|---|",
+        ]
     for name in EVAL_METHODS:
         if name not in m:
             continue
@@ -624,6 +637,12 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="images per step (default: 16 on CPU, 32 on GPU)")
     p.add_argument("--prompts", type=int, default=100, help="class prompts encoded every training step")
     p.add_argument(
+        "--pad-to",
+        type=int,
+        default=None,
+        help="pad everyone's prompts (but reference_77's) to this length, not the longest",
+    )
+    p.add_argument(
         "--precision",
         choices=sorted(_PRECISIONS),
         default=None,
@@ -665,6 +684,7 @@ def _forwarded_argv(args) -> list[str]:
     return [
         "--device", args.device, "--blocks", str(args.blocks), "--image-size", str(args.image_size),
         "--batch", str(args.batch), "--prompts", str(args.prompts), "--precision", args.precision,
+        *(["--pad-to", str(args.pad_to)] if args.pad_to else []),
         "--vision-width", str(args.vision_width), "--text-width", str(args.text_width),
         "--vocab-size", str(args.vocab_size), "--seed", str(args.seed), "--memory-steps", str(args.memory_steps),
         *(["--threads", str(args.threads)] if args.threads else []),
