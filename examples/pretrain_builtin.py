@@ -21,16 +21,17 @@ from transformers import CLIPModel
 
 from peft_svd import builtin
 from peft_svd.builtin import pretrain
-from peft_svd.builtin.data import PRETRAINING_CHARACTERS, _stream, render_glyphs
 
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(__file__), os.pardir, "src", "peft_svd", "builtin", "clip")
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default=os.path.normpath(DEFAULT_OUTPUT), help="where the model is saved")
+    parser.add_argument(
+        "--output-dir", default=os.path.normpath(DEFAULT_OUTPUT), help="where the model is saved"
+    )
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=256, help="image-caption pairs per step")
+    parser.add_argument("--batch-size", type=int, default=128, help="image-caption pairs per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, cosine decay)")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--warmup-steps", type=int, default=150)
@@ -49,14 +50,18 @@ def main():
     torch.manual_seed(args.seed)
 
     # The tokenizer learns its merges from captions drawn like the pretraining ones.
-    rng = _stream(args.seed, "tokenizer")
-    _, captions = render_glyphs(PRETRAINING_CHARACTERS, rng.integers(0, len(PRETRAINING_CHARACTERS), 4000), rng)
-    tokenizer = pretrain.train_tokenizer(captions, vocab_size=args.vocab_size)
+    tokenizer = pretrain.train_tokenizer(
+        pretrain.sample_captions(4000, seed=args.seed), vocab_size=args.vocab_size
+    )
     processor = pretrain.build_processor(tokenizer)
 
-    config = pretrain.build_config(tokenizer, width=args.width, layers=args.layers, patch_size=args.patch_size)
+    config = pretrain.build_config(
+        tokenizer, width=args.width, layers=args.layers, patch_size=args.patch_size
+    )
     model = CLIPModel(config)
-    print(f"tokenizer: {len(tokenizer)} tokens; model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    print(
+        f"tokenizer: {len(tokenizer)} tokens; model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+    )
 
     stats = pretrain.pretrain(
         model,
@@ -68,14 +73,18 @@ def main():
         warmup_steps=args.warmup_steps,
         seed=args.seed,
     )
-    print(f"pretraining: {stats['steps']} steps in {stats['seconds'] / 60:.1f} min, final loss {stats['final_loss']:.3f}")
+    print(
+        f"pretraining: {stats['steps']} steps in {stats['seconds'] / 60:.1f} min, final loss {stats['final_loss']:.3f}"
+    )
 
     accuracy = {}
     for name in builtin.DATASETS:
         test = builtin.load_dataset(name, seed=0)["test"]
         accuracy[name] = pretrain.zero_shot_accuracy(model, processor, test, builtin.TEMPLATES[name])
         chance = 1.0 / test.features["label"].num_classes
-        print(f"zero-shot {name:>9s} test: {100 * accuracy[name]:5.1f}%  (chance {100 * chance:.1f}%, {len(test)} images)")
+        print(
+            f"zero-shot {name:>9s} test: {100 * accuracy[name]:5.1f}%  (chance {100 * chance:.1f}%, {len(test)} images)"
+        )
 
     pretrain.save(model, processor, args.output_dir)
     losses = stats.pop("losses")
@@ -84,7 +93,9 @@ def main():
         "args": {k: v for k, v in vars(args).items() if k != "output_dir"},
         "parameters": sum(p.numel() for p in model.parameters()),
         "pretraining": stats,
-        "loss_every_100_steps": [round(float(np.mean(losses[i : i + 100])), 4) for i in range(0, len(losses), 100)],
+        "loss_every_100_steps": [
+            round(float(np.mean(losses[i : i + 100])), 4) for i in range(0, len(losses), 100)
+        ],
         "zero_shot_test_accuracy": accuracy,
         "torch": torch.__version__,
     }

@@ -17,7 +17,7 @@ import os
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import datasets
 import numpy as np
@@ -103,7 +103,7 @@ def _font_dir() -> str:
     return os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _ft2font(file: str):
     from matplotlib import ft2font
 
@@ -204,7 +204,8 @@ def render_glyphs(
             angle=0.0 if plain else float(rng.uniform(-_MAX_ROTATION, _MAX_ROTATION)),
         )
         h, w = mask.shape
-        margin = max(0, (IMAGE_SIZE - h) // 2 - 2) if plain else 0  # plain glyphs stay within 2 px of the centre
+        # Plain glyphs stay within 2 px of the centre.
+        margin = max(0, (IMAGE_SIZE - h) // 2 - 2) if plain else 0
         top = int(rng.integers(margin, IMAGE_SIZE - h + 1 - margin))
         margin = max(0, (IMAGE_SIZE - w) // 2 - 2) if plain else 0
         left = int(rng.integers(margin, IMAGE_SIZE - w + 1 - margin))
@@ -257,7 +258,9 @@ def _split(labels: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray
 def _to_dataset_dict(
     images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], rng: np.random.Generator
 ) -> datasets.DatasetDict:
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(class_names))})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(class_names))}
+    )
     splits = {}
     for name, rows in _split(labels, rng).items():
         splits[name] = datasets.Dataset.from_dict(
