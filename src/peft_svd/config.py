@@ -66,7 +66,7 @@ class SVDConfig(PeftConfig):
         forward_mode (`Literal["auto", "factored", "merged"]`):
             How a layer computes its output while its singular values are being trained.
             `"factored"` computes `U ((s + d) * (Vh x))`, `"merged"` builds `W + U diag(d) Vh`
-            and multiplies once (its backward pass recomputes that matrix instead of storing it).
+            and multiplies once (autograd keeps that `out x in` matrix for the backward pass).
             `"auto"` (default) picks the cheaper one per layer and call from the layer shape and
             the number of tokens. Results agree to float rounding. Without gradients (evaluation)
             the effective weight is built once and reused until the singular values change, so
