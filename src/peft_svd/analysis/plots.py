@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 from .spectral import LayerChange, summarize
@@ -72,8 +71,11 @@ def plot_heatmap(layers: list[LayerChange], encoder: str, path: str | Path) -> P
 
 
 def plot_spectra(layers: list[LayerChange], path: str | Path) -> Path:
-    """Singular values before and after adaptation (top) and their relative change (bottom)
-    for each of the given layers, one column per layer.
+    """Singular values before and after adaptation (top) and their change ``d_i`` (bottom) for
+    each of the given layers, one column per layer.
+
+    The top panel's scale is logarithmic down to 1% of the largest singular value and linear
+    below, so that adapted values that crossed zero (reversed directions) stay visible.
 
     Returns:
         The path written.
@@ -81,22 +83,29 @@ def plot_spectra(layers: list[LayerChange], path: str | Path) -> Path:
     plt = _pyplot()
     if not layers:
         raise ValueError("No layers to plot.")
-    fig, axes = plt.subplots(2, len(layers), figsize=(4.2 * len(layers), 5.6), squeeze=False, sharex="col")
+    fig, axes = plt.subplots(2, len(layers), figsize=(4.4 * len(layers), 5.8), squeeze=False, sharex="col")
     for col, change in enumerate(layers):
         index = range(change.singular_values.numel())
         top, bottom = axes[0, col], axes[1, col]
         top.plot(index, change.singular_values.numpy(), label="before", lw=1.6)
-        top.plot(index, change.adapted.numpy(), label="after", lw=1.0, ls="--")
-        top.set_yscale("log")
-        top.set_title(
-            "\n".join(textwrap.wrap(f"{change.encoder} block {change.block} {change.module}", 40)), fontsize=9
-        )
+        top.plot(index, change.adapted.numpy(), ".", ms=2.5, label="after", color="tab:orange")
+        top.set_yscale("symlog", linthresh=max(1e-2 * float(change.singular_values.max()), 1e-12))
+        top.axhline(0, color="grey", lw=0.6)
+        title = f"{change.encoder} block {change.block} {change.module}"
+        if change.flipped:
+            title += f"\n{change.flipped} values crossed zero"
+        top.set_title(title, fontsize=9)
         top.set_ylabel("singular value")
         top.legend(fontsize=8)
-        bottom.plot(index, 100 * change.relative_values.numpy(), lw=0.8, color="tab:red")
+        bottom.bar(
+            index,
+            change.delta.numpy(),
+            width=1.0,
+            color=["tab:orange" if d >= 0 else "tab:blue" for d in change.delta],
+        )
         bottom.axhline(0, color="grey", lw=0.6)
         bottom.set_xlabel("index (descending s0)")
-        bottom.set_ylabel("relative change (%)")
+        bottom.set_ylabel("change d")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -105,16 +114,20 @@ def plot_spectra(layers: list[LayerChange], path: str | Path) -> Path:
 
 def plot_top_heads(analysis: AdapterAnalysis, path: str | Path, n: int = 10) -> Path:
     """Bar chart of the ``n`` most changed attention heads, each labelled with what it writes
-    and which descriptions the adapter amplified and damped (where its block was described).
+    and which descriptions the adapter amplified and damped. When the analysis described some
+    blocks, the chart shows the most changed heads of those blocks; otherwise of all blocks.
 
     Returns:
         The path written.
     """
     plt = _pyplot()
-    heads = [h for h in analysis.heads if h.relative_change > 0][:n]
+    heads = [h for h in analysis.heads if h.relative_change > 0]
     if not heads:
         raise ValueError("No attention head changed (no adapted q/k/v/out projection moved).")
-    described = any(analysis.head_concepts(h) is not None for h in heads)
+    # With descriptions, show the heads that have them: a picture of what the moved heads do.
+    described_heads = [h for h in heads if analysis.head_concepts(h) is not None]
+    described = bool(described_heads)
+    heads = (described_heads or heads)[:n]
     fig, ax = plt.subplots(figsize=(12 if described else 6, 0.75 * len(heads) + 1.4))
     if described:  # leave the right part of the figure to the descriptions
         fig.subplots_adjust(left=0.1, right=0.38)
@@ -124,7 +137,9 @@ def plot_top_heads(analysis: AdapterAnalysis, path: str | Path, n: int = 10) -> 
     ax.barh(positions, values, color=colors)
     ax.set_yticks(positions, [f"{h.encoder} b{h.block} h{h.head}" for h in heads])
     ax.set_xlabel("relative change of q/k/v/out slices (%)\norange: amplified, blue: damped")
-    ax.set_title("Most changed attention heads")
+    ax.set_title(
+        "Most changed heads of the described blocks" if described else "Most changed attention heads"
+    )
     for pos, head in zip(positions, heads, strict=True):
         entry = analysis.head_concepts(head)
         if entry is None:
@@ -142,5 +157,17 @@ def plot_top_heads(analysis: AdapterAnalysis, path: str | Path, n: int = 10) -> 
     return Path(path)
 
 
+# Caption openings that carry no meaning in a figure label ("a photo of the letter g." -> "letter g").
+_LABEL_OPENINGS = ("a photo of the ", "a photo of a ", "a photo of ", "a photo, ", "a photo in ")
+
+
+def _short(text: str) -> str:
+    for opening in _LABEL_OPENINGS:
+        if text.startswith(opening) and len(text) > len(opening):
+            text = text[len(opening) :]
+            break
+    return text.rstrip(".")
+
+
 def _names(pairs, n: int = 2) -> str:
-    return ", ".join(text for text, _ in pairs[:n])
+    return ", ".join(_short(text) for text, _ in pairs[:n])

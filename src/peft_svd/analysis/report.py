@@ -149,35 +149,48 @@ def write_report(
             "head's change exact: `||Delta W_h||^2 = sum_i d_i^2 share[i, h]`.",
             "",
         ]
-        described = any(analysis.head_concepts(h) is not None for h in analysis.heads)
-        header = ["head", "relative change", "gain", "q / k / v / out"]
-        if described:
-            header += ["writes mostly", "amplified", "damped"]
         rows = []
         for h in moved_heads[:num_heads]:
             per = " / ".join(
                 _pct(h.modules[m]) if m in h.modules else "-"
                 for m in ("q_proj", "k_proj", "v_proj", "out_proj")
             )
-            row = [
-                f"{h.encoder} block {h.block} head {h.head}",
-                _pct(h.relative_change),
-                _signed_pct(h.gain),
-                per,
+            rows.append(
+                [
+                    f"{h.encoder} block {h.block} head {h.head}",
+                    _pct(h.relative_change),
+                    _signed_pct(h.gain),
+                    per,
+                ]
+            )
+        md += _table(["head", "relative change", "gain", "q / k / v / out"], rows)
+
+        described = [(h, analysis.head_concepts(h)) for h in moved_heads]
+        described = [(h, e) for h, e in described if e is not None][:num_heads]
+        if described:
+            md += [
+                "### Heads of the described blocks",
+                "",
+                "What each head writes (its output projection slice times its value projection slice, read "
+                "in the joint space), and which descriptions the adapter amplified or damped relative to "
+                "the head's overall energy change (see the next section).",
+                "",
             ]
-            if described:
-                entry = analysis.head_concepts(h)
-                row += (
-                    [
-                        _texts(entry["writes"], scores=False),
-                        _texts(entry["amplified"]),
-                        _texts(entry["damped"]),
-                    ]
-                    if entry
-                    else ["(block not described)", "", ""]
-                )
-            rows.append(row)
-        md += _table(header, rows) + ["![top heads](heads.png)", ""]
+            rows = [
+                [
+                    f"{h.encoder} block {h.block} head {h.head}",
+                    _pct(h.relative_change),
+                    _signed_pct(e["relative_energy_change"]),
+                    _texts(e["writes"], scores=False),
+                    _texts(e["amplified"]),
+                    _texts(e["damped"]),
+                ]
+                for h, e in described
+            ]
+            md += _table(
+                ["head", "relative change", "energy change", "writes mostly", "amplified", "damped"], rows
+            )
+        md += ["![top heads](heads.png)", ""]
 
     if analysis.concepts:
         md += ["## Concepts written by the later blocks", ""]

@@ -69,6 +69,12 @@ class LayerChange:
         """``||s'|| / ||s0|| - 1``: positive when the layer as a whole was amplified."""
         return _ratio(self.adapted.square().sum(), self.singular_values.square().sum()) - 1.0
 
+    @property
+    def flipped(self) -> int:
+        """How many singular values crossed zero (``s0_i > 0`` but ``s0_i + d_i < 0``): the
+        adapter reversed those directions, it did not only rescale them."""
+        return int(((self.adapted < 0) & (self.singular_values > 0)).sum())
+
     def top_directions(self, k: int = 5, amplified: bool = True) -> list[int]:
         """Indices of the ``k`` most amplified (largest ``d_i > 0``) or most damped (most
         negative ``d_i``) singular directions.
@@ -104,6 +110,7 @@ class LayerChange:
             "rank": int(self.singular_values.numel()),
             "relative_change": self.relative_change,
             "gain": self.gain,
+            "flipped": self.flipped,
             "top_amplified": rows(self.top_directions(k, amplified=True)),
             "top_damped": rows(self.top_directions(k, amplified=False)),
         }
@@ -175,27 +182,29 @@ def summarize(changes: list[LayerChange], by: tuple[str, ...] = ("encoder",)) ->
             ``("encoder", "module")``.
 
     Returns:
-        ``{group key tuple: {"relative_change", "gain", "layers", "values"}}`` in first-seen
+        ``{group key tuple: {"relative_change", "gain", "layers", "values", "flipped"}}`` in first-seen
         order, where ``relative_change = sqrt(sum ||d||^2 / sum ||s0||^2)`` over the group's layers
         (the relative Frobenius change of all its weights together), ``gain`` the matching
-        ``||s'|| / ||s0|| - 1``, ``layers`` the number of layers and ``values`` the number of
-        trainable singular values.
+        ``||s'|| / ||s0|| - 1``, ``layers`` the number of layers, ``values`` the number of
+        trainable singular values and ``flipped`` how many of them crossed zero.
     """
     sums: dict[tuple, list] = {}
     for c in changes:
         key = tuple(getattr(c, attr) for attr in by)
-        acc = sums.setdefault(key, [0.0, 0.0, 0.0, 0, 0])
+        acc = sums.setdefault(key, [0.0, 0.0, 0.0, 0, 0, 0])
         acc[0] += float(c.delta.square().sum())
         acc[1] += float(c.singular_values.square().sum())
         acc[2] += float(c.adapted.square().sum())
         acc[3] += 1
         acc[4] += c.singular_values.numel()
+        acc[5] += c.flipped
     return {
         key: {
             "relative_change": (d2 / s2) ** 0.5 if s2 > 0 else 0.0,
             "gain": (a2 / s2) ** 0.5 - 1.0 if s2 > 0 else 0.0,
             "layers": n,
             "values": v,
+            "flipped": f,
         }
-        for key, (d2, s2, a2, n, v) in sums.items()
+        for key, (d2, s2, a2, n, v, f) in sums.items()
     }

@@ -110,6 +110,12 @@ class AdapterAnalysis:
                     + " and ".join(moves)
                     + "."
                 )
+        if total["flipped"]:
+            where = _join([f"{s['flipped']} in the {_encoder_word(enc)}" for (enc,), s in by_encoder.items()])
+            lines.append(
+                f"{total['flipped']:,} singular values ({100 * total['flipped'] / total['values']:.1f}%) crossed zero "
+                f"({where}): the adapter reversed those directions instead of rescaling them."
+            )
         return lines
 
     def _head_sentence(self, head: HeadChange, opening: str) -> str:
