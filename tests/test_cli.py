@@ -107,6 +107,35 @@ def test_analyze_takes_template_and_classes_from_the_runs_results_json(adapter, 
     assert {t for e in data["concepts"] for t, _ in e["writes"]} <= {"a red boat.", "a blue boat."}
 
 
+def _builtin_available():
+    from peft_svd import builtin
+
+    try:
+        builtin.model_path()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _builtin_available(), reason="the built-in CLIP has not been built in this checkout")
+def test_analyze_runs_offline_on_the_builtin_model(tmp_path):
+    from peft_svd import builtin
+    from peft_svd.analysis import default_descriptions
+
+    model = get_peft_model(
+        CLIPModel.from_pretrained(builtin.model_path()), peft_svd.SVDConfig(init_weights=False)
+    )
+    model.save_pretrained(tmp_path / "adapter")
+    assert (
+        main(["analyze", str(tmp_path / "adapter"), "--base", "builtin", "--out", str(tmp_path / "r")]) == 0
+    )
+    data = json.loads((tmp_path / "r" / "analysis.json").read_text())
+    # The built-in model gets the pool in its own captions' words, every description usable.
+    assert data["pool_size"] == len(default_descriptions("builtin")) and data["pool_dropped"] == []
+    assert data["meta"]["description pool"].startswith("builtin")
+    assert (tmp_path / "r" / "heads.png").is_file()
+
+
 def test_analyze_rejects_a_folder_without_an_adapter(tmp_path):
     with pytest.raises(SystemExit, match="not an adapter folder"):
         main(["analyze", str(tmp_path), "--out", str(tmp_path / "r")])
