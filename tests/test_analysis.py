@@ -105,7 +105,7 @@ def test_spectral_change_reports_every_layer_and_the_relative_change():
     c = changed[0]
     assert c.name == "text_model.encoder.layers.1.mlp.fc1"
     # ||d|| / ||s0|| is the relative Frobenius change of the weight.
-    delta_w = layer.get_delta_weight("default")
+    delta_w = layer.get_delta_weight("default").detach()
     assert c.relative_change == pytest.approx(
         float(delta_w.norm() / layer.get_base_layer().weight.detach().norm()), rel=1e-4
     )
