@@ -133,7 +133,7 @@ def _glyph_mask(font: _Font, char: str, pixels: int, angle: float) -> np.ndarray
     if max(mask.shape) > limit:
         scale = limit / max(mask.shape)
         size = (max(1, round(mask.shape[1] * scale)), max(1, round(mask.shape[0] * scale)))
-        mask = np.asarray(Image.fromarray(mask, mode="F").resize(size, Image.BILINEAR))
+        mask = np.asarray(Image.fromarray(mask).resize(size, Image.BILINEAR))  # float32 -> mode "F"
     return np.clip(mask, 0.0, 1.0)
 
 
