@@ -182,3 +182,19 @@ def test_summary_means_spreads_and_average(quality):
     assert "lora" not in summary["base_to_novel"].get("average", {})  # dataset b has no base-to-novel run
     table = quality.markdown_tables(summary, [2], ["svd", "lora"])
     assert "| a | peft-svd | 60.0 ± 10.0 |" in table and "| average | peft-svd | 50.0 ± 26.5 |" in table
+
+
+def test_augmentation_check_scores_every_view(tiny, tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "quality_augmentation", os.path.join(ROOT, "benchmarks", "quality_augmentation.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "augmentation.json"
+    results = module.main(["--model", tiny[0], "--datasets", tiny[1], "--threads", "1", "--json", str(out)])
+    assert set(results["colors"]) == set(module.VIEWS)
+    for scores in results["colors"].values():
+        assert 0.0 <= scores["accuracy"] <= 100.0 and scores["cross_entropy"] > 0
+    # the crop and flip draws are random: an augmented view is not the clean one
+    assert results["colors"]["crop 0.08-1"] != results["colors"]["clean (evaluation)"]
+    assert json.load(open(out))["results"] == results
