@@ -181,7 +181,7 @@ def main(argv=None):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # --batch-size is the global batch: each process takes its slice of every batch.
         dataloader_config=DataLoaderConfiguration(split_batches=True),
-        # The frozen SVD factors are buffers; they never change, so DDP must not re-send them.
+        # Nothing in the model's buffers changes during training: DDP need not re-send them every step.
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
