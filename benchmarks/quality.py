@@ -544,6 +544,17 @@ def write_report(record: dict, output_dir: str) -> str:
     return tables
 
 
+def _model_fingerprint(model_name: str) -> str | None:
+    """Returns the sha256 of a local model folder's model.safetensors (which model was measured), else None."""
+    import hashlib
+
+    path = os.path.join(model_name, "model.safetensors")
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def _save(record: dict, path: str) -> None:
     partial = path + ".partial"
     with open(partial, "w") as f:
@@ -633,6 +644,7 @@ def main(argv=None):
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
+        "model_sha256": _model_fingerprint(model_name),
         "settings": settings,
         "datasets": [t.name for t in tasks],
         "zero_shot": {},
