@@ -1,445 +1,402 @@
 #!/usr/bin/env python
-"""Few-shot quality of singular-value fine-tuning against zero-shot CLIP, a linear probe and LoRA.
+"""Few-shot quality of singular-value fine-tuning against zero-shot CLIP, a linear probe, LoRA,
+CoOp-style prompt learning and Tip-Adapter-F.
 
-On each dataset (default: the built-in target tasks) and for every shot count K and seed:
+On each dataset (default: the built-in target tasks digits and capitals, with the built-in model)
+and for every shot count K and seed:
 
-- `zero-shot`: the base model's zero-shot head (one prompt per class), no training;
-- `linear-probe`: scikit-learn's multinomial logistic regression on frozen, L2-normalised image
-  features of the K-shot images (no augmentation); C chosen from a log grid by stratified
-  cross-validation on the K-shot set (min(K, 4) folds), a fixed C at K = 1 where no image of a
-  class can be held out;
-- `lora`: PEFT LoRA as CLIP-LoRA configures it: r=2, alpha=1, dropout 0.25 on q/k/v of both
-  encoders; AdamW lr 2e-4, weight decay 0.01, 500 x K iterations of batch 32, cosine to 1e-6;
+- `zero-shot`: the base model's zero-shot head (one prompt per class, the dataset's template);
+- `linear-probe`: logistic regression on frozen, L2-normalised image features of the K shots
+  (no augmentation), C by stratified cross-validation on the K shots;
+- `lora`: PEFT LoRA as CLIP-LoRA configures it (r=2, alpha=1, dropout 0.25, q/k/v of both
+  encoders); AdamW, paper lr 2e-4, weight decay 0.01, 500 x K iterations of 32, cosine;
 - `svd`: peft-svd with its defaults (q/k/v/out/fc1/fc2 of both encoders) and the CLIP-SVD
-  paper's natural-image recipe: AdamW lr 5e-4, weight decay 0.01, 200 x K iterations, cosine.
+  recipe: AdamW, paper lr 5e-4, weight decay 0.01, 200 x K iterations, cosine;
+- `coop`: 16 learned context vectors, both encoders frozen; SGD, paper lr 2e-3, CoOp's epochs;
+- `tip-adapter-f`: a cache model of the K-shot features, keys fine-tuned (AdamW, paper lr 1e-3,
+  20 epochs), alpha and beta searched on the validation split.
 
-LoRA and SVD share everything else: the K shots of a seed, the data order, the augmentation
-(RandomResizedCrop 0.08-1 and flip), the loss (cross-entropy on the model's temperature times the
-cosine to every class prompt, re-encoded at each step) and the evaluation (top-1 accuracy of the
-adapted model's zero-shot head on the test split). All of it is `peft_svd.fewshot`'s; this script
-only wires it and runs the grid. --lora-lr, --svd-lr, --crop-scale, --no-flip and --logit-scale change one
-ingredient of the recipes, to find out why a result differs from the paper's.
+Learning rates. Every trained method runs at its paper learning rate ("paper" rows) and at the
+best of a small grid (paper lr x `--lr-factors`, default 1 4 16) picked ONCE per dataset on the
+validation split, at `--select-shots` shots and the first seed ("tuned" rows). The test split
+is never used to choose anything. The factor chosen on few-shot also scales the method's
+base-to-novel learning rate.
 
-Base-to-novel (unless --skip-base-to-novel): train on the first half of the classes at 16 shots,
-test on the base half and the unseen novel half, report both and their harmonic mean. SVD uses the
-paper's base-to-novel recipe (lr 4e-4, 20 epochs); LoRA its only recipe (500 x 16 iterations).
-The linear probe has no classifier for unseen classes and is left out.
+All trained methods share the K shots of a seed, the data order, the augmentation (the
+dataset's: `--augment`) and the evaluation. Base-to-novel (per dataset, `--base-to-novel`):
+train on the first half of the classes at 16 shots, test base and novel, and their harmonic
+mean; the linear probe and Tip-Adapter-F have no classifier for unseen classes. Retention
+(`--retention`, default the built-in model's pretraining task `builtin:glyphs`): accuracy on
+another task after adapting, for the methods that change the model.
 
-    python benchmarks/quality.py                                  # full protocol (hours on a CPU)
-    python benchmarks/quality.py --iters-scale 0.25 --threads 1   # iterations x 0.25
-    python benchmarks/quality.py --datasets builtin:digits --shots 1 4 16 --skip-base-to-novel
+    python benchmarks/quality.py --jobs 2                        # the full protocol
+    python benchmarks/quality.py --datasets builtin:digits --shots 4 --seeds 1 --methods svd lora
+    python benchmarks/quality.py --datasets path/to/digits-folder --template "a photo of the digit {}." \\
+        --augment glyph --retention none
 
-Writes to --output-dir: results.json (settings and every run's numbers, rewritten after each
-run; --resume continues from it), table.md (mean +- std over seeds, and base-to-novel) and
-accuracy_vs_shots.png (mean with the min-max band over seeds).
+Runs are independent: `--jobs N` runs N at a time in processes of `--threads` threads each.
+results.json is rewritten after every run; `--resume` continues an interrupted benchmark (same
+settings checked), and every call's command and time is kept. Writes results.json, table.md
+(per-dataset and average tables, base-to-novel, retention, learning-rate selection, and the
+targets) and accuracy_vs_shots.png to --output-dir.
 """
-# ruff: noqa: E402  (HF_HUB_OFFLINE is set before transformers is imported)
+# ruff: noqa: E402  (HF_HUB_OFFLINE is set and the benchmarks folder put on the path before imports)
 
 import argparse
-import copy
 import json
-import math
 import os
 import platform
 import shlex
 import sys
 import time
-import warnings
+from dataclasses import asdict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # quality_runs, fewshot_baselines
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
-from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-import peft_svd
+import quality_runs as qr
 from peft_svd.fewshot import data as fsdata
-from peft_svd.fewshot import evaluation, templates, training
-from peft_svd.fewshot.zeroshot import encode_images, tokenize_prompts
+from peft_svd.fewshot import templates
 
-METHODS = ("zero-shot", "linear-probe", "lora", "svd")
-TRAINED = ("lora", "svd")
+METHODS = ("zero-shot", "linear-probe", "lora", "svd", "coop", "tip-adapter-f")
+LR_METHODS = ("lora", "svd", "coop", "tip-adapter-f")  # methods with a learning rate to pick
+BASE_TO_NOVEL_METHODS = ("zero-shot", "lora", "svd", "coop")
 LABELS = {
     "zero-shot": "zero-shot",
     "linear-probe": "linear probe",
     "lora": "LoRA (CLIP-LoRA)",
     "svd": "peft-svd",
+    "coop": "CoOp",
+    "tip-adapter-f": "Tip-Adapter-F",
 }
-# The built-in target tasks (the third built-in dataset, glyphs, is the pretraining source).
+COLORS = {"zero-shot": "0.4", "linear-probe": "tab:green", "lora": "tab:blue", "svd": "tab:red", "coop": "tab:purple",
+          "tip-adapter-f": "tab:orange"}
+BASE_TO_NOVEL_LR = {"svd": qr.SVD_BASE_TO_NOVEL["lr"], "lora": qr.LORA_RECIPE["lr"], "coop": qr.PAPER_LR["coop"]}
 DEFAULT_DATASETS = ("builtin:digits", "builtin:capitals")
+BUILTIN_RETENTION = "builtin:glyphs"  # the built-in model's pretraining task
 
-# The methods' published recipes (iterations per shot before --iters-scale).
-LORA_RECIPE = dict(lr=2e-4, weight_decay=0.01, iters_per_shot=500)  # CLIP-LoRA: run_utils.py / lora.py
-SVD_RECIPE = dict(lr=5e-4, weight_decay=0.01, iters_per_shot=200)  # CLIP-SVD, natural images
-SVD_BASE_TO_NOVEL = dict(lr=4e-4, weight_decay=0.01, epochs=20)  # CLIP-SVD, base-to-novel (10-20 epochs)
-LORA_CONFIG = dict(r=2, lora_alpha=1, lora_dropout=0.25, target_modules=["q_proj", "k_proj", "v_proj"])
+# Settings that must match for --resume to reuse the runs of a results.json.
+_RUN_SETTINGS = ("model", "iters_scale", "max_steps", "batch_size", "logit_scale", "datasets", "lr_factors",
+                 "select_shots", "base_to_novel_shots", "retention")
 
-PROBE_C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
-PROBE_ONE_SHOT_C = 10.0  # K = 1 leaves nothing to cross-validate on: the middle of the grid
-PROBE_MAX_FOLDS = 4
 
-# Settings that must match for --resume to reuse a run.
-_RUN_SETTINGS = (
-    "model",
-    "iters_scale",
-    "max_steps",
-    "batch_size",
-    "lora_lr",
-    "svd_lr",
-    "base_to_novel_shots",
-    "crop_scale",
-    "logit_scale",
-    "flip",
-)
+def _per_dataset(p, flag, values, count, convert=str):
+    """Expands a per-dataset flag: one value for every dataset, or one per dataset."""
+    if values is None:
+        return [None] * count
+    if len(values) == 1:
+        values = values * count
+    if len(values) != count:
+        p.error(f"{flag} takes one value for every dataset or one per dataset ({count}); got {len(values)}")
+    return [None if v in (None, "") else convert(v) for v in values]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--model", default=None, help="CLIP model folder or Hub id (default: the built-in model).")
-    p.add_argument(
-        "--datasets",
-        nargs="+",
-        default=list(DEFAULT_DATASETS),
-        help="Datasets: builtin:<name>, a local folder, or a Hub id (each with its own template).",
-    )
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="Methods to run.")
-    p.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="Shot counts K.")
-    p.add_argument(
-        "--seeds",
-        nargs="+",
-        type=int,
-        default=[1, 2, 3],
-        help="Seeds (K-shot choice, order, augmentation, init).",
-    )
-    p.add_argument(
-        "--iters-scale",
-        type=float,
-        default=1.0,
-        help="Multiply the iteration counts of the recipes (LoRA 500 x K, SVD 200 x K, and LoRA's 500 x 16 "
-        "in base-to-novel) by this; the cosine schedule spans the scaled run. SVD's base-to-novel recipe is "
-        "counted in epochs (20) and is not scaled.",
-    )
-    p.add_argument(
-        "--max-steps", type=int, default=None, help="Cap on the steps of any run (after --iters-scale)."
-    )
-    p.add_argument("--lora-lr", type=float, default=LORA_RECIPE["lr"], help="LoRA's peak learning rate.")
-    p.add_argument(
-        "--svd-lr", type=float, default=SVD_RECIPE["lr"], help="SVD's peak learning rate (few-shot runs)."
-    )
-    p.add_argument("--batch-size", type=int, default=32, help="Images per training step (both methods).")
-    p.add_argument(
-        "--crop-scale",
-        nargs=2,
-        type=float,
-        default=[0.08, 1.0],
-        metavar=("MIN", "MAX"),
-        help="Area range of RandomResizedCrop for both trained methods (both papers: 0.08 1.0).",
-    )
-    p.add_argument(
-        "--no-flip",
-        dest="flip",
-        action="store_false",
-        help="No random horizontal flip for the trained methods (both papers flip; a mirrored glyph is "
-        "another glyph or none).",
-    )
-    p.add_argument(
-        "--logit-scale",
-        type=float,
-        default=None,
-        help="Temperature of the training loss for both trained methods (default: the model's own, "
-        "exp(logit_scale); CLIP's is 100, and CLIP-LoRA's code fixes 100). Evaluation takes the argmax, "
-        "which the temperature does not change.",
-    )
-    p.add_argument("--skip-base-to-novel", action="store_true", help="Run only the few-shot protocol.")
-    p.add_argument(
-        "--base-to-novel-shots", type=int, default=16, help="Shots per base class in base-to-novel."
-    )
-    p.add_argument("--eval-batch-size", type=int, default=256, help="Images per evaluation batch.")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-    p.add_argument(
-        "--output-dir",
-        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "quality"),
-        help="Where results.json, table.md and accuracy_vs_shots.png go.",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="Reuse the runs of an existing results.json written with the same settings.",
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None, help="CLIP model folder or Hub id (default: the built-in model).")
+    g.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS),
+                   help="Datasets: builtin:<name>, a local folder, or a Hub id (default: builtin:digits builtin:capitals).")
+    g.add_argument("--template", nargs="+", default=None, metavar="TEMPLATE",
+                   help="Prompt template with one {}: one for every dataset or one per dataset (default: the dataset's "
+                   "own, else the paper's for a known name; otherwise 'a photo of a {}.' with a warning).")
+    g.add_argument("--class-names", nargs="+", default=None, metavar="NAMES",
+                   help="Class names per dataset ('a,b,c' or a file with one per line); '' keeps a dataset's own.")
+    g.add_argument("--image-column", nargs="+", default=None, help="Image column, for every dataset or per dataset.")
+    g.add_argument("--label-column", nargs="+", default=None, help="Label column, for every dataset or per dataset.")
+    g.add_argument("--dataset-config", nargs="+", default=None, help="Hub configuration, for every dataset or per dataset.")
+    g.add_argument("--augment", nargs="+", default=["auto"], choices=["auto", *fsdata.AUGMENTATIONS],
+                   help="Training augmentation for every dataset or per dataset: natural (crop 0.08-1 + flip), glyph "
+                   "(crop 0.5-1, no flip), none; auto: the dataset's own (glyph for built-in datasets), else natural.")
+    g.add_argument("--base-to-novel", nargs="+", default=["yes"], choices=["yes", "no"],
+                   help="Run base-to-novel on every dataset, or per dataset.")
+    g.add_argument("--retention", nargs="+", default=None,
+                   help="Datasets to measure retention on after adapting (default: builtin:glyphs with the built-in "
+                   "model, else none); 'none' for none.")
+
+    g = p.add_argument_group("protocol")
+    g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="Methods to run (default: all).")
+    g.add_argument("--recipes", nargs="+", choices=["paper", "tuned"], default=["paper", "tuned"],
+                   help="Which learning rates to run the trained methods at (default: both).")
+    g.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="Shot counts K.")
+    g.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="Seeds (K-shot choice, order, augmentation, init).")
+    g.add_argument("--lr-factors", nargs="+", type=float, default=[1.0, 4.0, 16.0],
+                   help="Learning-rate grid of each trained method: its paper lr times these (default: 1 4 16).")
+    g.add_argument("--select-shots", type=int, default=4, help="Shots at which the learning rate is picked (default: 4).")
+    g.add_argument("--base-to-novel-shots", type=int, default=16, help="Shots per base class in base-to-novel.")
+    g.add_argument("--iters-scale", type=float, default=1.0,
+                   help="Multiply the iteration counts of the recipes (for quick checks; the recorded protocol uses 1).")
+    g.add_argument("--max-steps", type=int, default=None, help="Cap on the steps of any run.")
+    g.add_argument("--batch-size", type=int, default=32, help="Images per training step.")
+    g.add_argument("--logit-scale", type=float, default=None,
+                   help="Training temperature of the trained methods (default: the model's own).")
+
+    g = p.add_argument_group("execution")
+    g.add_argument("--jobs", type=int, default=1, help="Runs at a time, each in its own process (default: 1, in this process).")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (default: 1 on the CPU, where one is fastest on a shared machine).")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training step of the trained methods.")
+    g.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "quality"),
+                   help="Where results.json, table.md and accuracy_vs_shots.png go.")
+    g.add_argument("--resume", action="store_true", help="Continue the benchmark of an existing results.json (same settings).")
     args = p.parse_args(argv)
-    if any(k < 1 for k in args.shots) or args.base_to_novel_shots < 1:
+
+    n = len(args.datasets)
+    if any(k < 1 for k in args.shots) or args.base_to_novel_shots < 1 or args.select_shots < 1:
         p.error("shot counts must be at least 1")
-    if args.iters_scale <= 0:
-        p.error("--iters-scale must be positive")
+    if args.iters_scale <= 0 or args.batch_size < 1 or args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        p.error("--iters-scale, --batch-size, --jobs and --threads must be positive")
     if args.max_steps is not None and args.max_steps < 1:
         p.error("--max-steps must be at least 1")
+    if not args.lr_factors or any(not (f > 0) for f in args.lr_factors):
+        p.error("--lr-factors must be positive numbers")
+    if len(set(args.datasets)) != n:
+        p.error("--datasets lists a dataset twice")
+    try:
+        templates_ = [templates.check_template(t) if t else None for t in _per_dataset(p, "--template", args.template, n)]
+        class_names = [fsdata.parse_class_names(c) for c in _per_dataset(p, "--class-names", args.class_names, n)]
+    except ValueError as exc:
+        p.error(str(exc))
+    images = _per_dataset(p, "--image-column", args.image_column, n)
+    labels = _per_dataset(p, "--label-column", args.label_column, n)
+    configs = _per_dataset(p, "--dataset-config", args.dataset_config, n)
+    augments = _per_dataset(p, "--augment", args.augment, n)
+    b2n = _per_dataset(p, "--base-to-novel", args.base_to_novel, n)
+    args.specs = [
+        qr.DatasetSpec(source=s, template=t, class_names=c, image_column=i, label_column=lb, config=cf, augment=a,
+                       base_to_novel=b == "yes")
+        for s, t, c, i, lb, cf, a, b in zip(args.datasets, templates_, class_names, images, labels, configs, augments, b2n,
+                                            strict=True)
+    ]
+    if args.retention == ["none"]:
+        args.retention = []
     args.shots, args.seeds = sorted(set(args.shots)), sorted(set(args.seeds))
+    args.methods = [m for m in METHODS if m in args.methods]
     return args
 
 
-def _recipe(args, method: str, protocol: str) -> training.FewShotRecipe:
-    """Returns the training recipe of `method` ("lora" or "svd") for `protocol`, scaled."""
-    if method == "svd" and protocol == "base-to-novel":
-        # Counted in epochs (20 epochs: 50-130 steps on the built-in tasks), not scaled.
-        r = dict(SVD_BASE_TO_NOVEL)
-    else:
-        r = dict(LORA_RECIPE if method == "lora" else SVD_RECIPE)
-        r["lr"] = args.lora_lr if method == "lora" else args.svd_lr
-        r["iters_per_shot"] = max(1, round(r["iters_per_shot"] * args.iters_scale))
-    return training.FewShotRecipe(
-        **r, max_steps=args.max_steps, batch_size=args.batch_size, crop_scale=tuple(args.crop_scale)
+# -- the plan ------------------------------------------------------------------------------
+
+
+def _run(args, spec: qr.DatasetSpec, protocol: str, method: str, shots: int, seed: int, lr=None) -> qr.Run:
+    adapted = method in qr.ADAPTED and protocol == "few-shot"
+    return qr.Run(
+        dataset=spec.source, protocol=protocol, method=method, shots=shots, seed=seed, lr=lr,
+        iters_scale=args.iters_scale, max_steps=args.max_steps, batch_size=args.batch_size,
+        logit_scale=args.logit_scale, compile=args.compile,
+        retention=[r for r in args.retention if r != spec.source] if adapted else [],
     )
 
 
-def _peft_config(method: str):
-    return LoraConfig(**LORA_CONFIG) if method == "lora" else peft_svd.SVDConfig()
+def selection_runs(args) -> list[qr.Run]:
+    """The learning-rate grid: each trained method at paper lr x each factor, on each dataset,
+    at --select-shots and the first seed (scored on the validation split)."""
+    if "tuned" not in args.recipes:
+        return []
+    return [
+        _run(args, spec, "few-shot", method, args.select_shots, args.seeds[0], qr.PAPER_LR[method] * f)
+        for spec in args.specs for method in args.methods if method in LR_METHODS for f in args.lr_factors
+    ]
 
 
-class _Task:
-    """One dataset, loaded once: splits, template, test loaders and the base model's test features."""
-
-    def __init__(self, accelerator, source: str, parts, eval_batch_size: int):
-        self.source = source
-        self.data = fsdata.load_image_classification(source)
-        self.name = self.data.name
-        self.template = self.data.template or templates.template_for(self.data.name)
-        self.train_split, _ = self.data.split(None, purpose="training", fallbacks=("train",))
-        self.test_split, _ = self.data.split(None, purpose="evaluation", fallbacks=("test", "validation"))
-        fsdata.check_labelled(self.data, self.test_split)
-        self.train_labels = self.data.labels(self.train_split)
-        self.eval_batch_size = eval_batch_size
-        self._accelerator, self._parts = accelerator, parts
-
-    def evaluate(self, model, classes: str) -> dict:
-        """Top-1 accuracy (%) of `model`'s zero-shot head on the test split: `{"accuracy": a}`
-        for classes="all", `{"base", "novel", "hm"}` for "base-to-novel"."""
-        _, tokenizer, image_processor = self._parts
-        out = evaluation.evaluate_protocol(
-            self._accelerator,
-            model,
-            tokenizer,
-            image_processor,
-            self.data,
-            self.test_split,
-            self.template,
-            classes=classes,
-            zero_shot=False,
-            batch_size=self.eval_batch_size,
-        )
-        if classes == "all":
-            return {"accuracy": out["adapted"]["accuracy"]}
-        return {
-            "base": out["base"]["adapted"]["accuracy"],
-            "novel": out["novel"]["adapted"]["accuracy"],
-            "hm": out["harmonic_mean"]["adapted"],
-        }
-
-    @torch.no_grad()
-    def features(self, split: str, rows=None) -> tuple[np.ndarray, np.ndarray]:
-        """L2-normalised image features of the base model, (images, dim), and labels (images,),
-        of `rows` of `split` (all rows by default), preprocessed for evaluation (no augmentation)."""
-        base, _, image_processor = self._parts
-        labels = self.data.labels(split)
-        rows = list(range(len(labels))) if rows is None else list(rows)
-        loader = torch.utils.data.DataLoader(
-            fsdata.EvalSet(self.data.splits[split], rows, labels[rows].tolist(), image_processor),
-            batch_size=self.eval_batch_size,
-        )
-        base.eval()
-        feats, targets = [], []
-        for pixel_values, y in loader:
-            feats.append(encode_images(base, pixel_values.to(self._accelerator.device)).float().cpu())
-            targets.append(y)
-        return torch.cat(feats).numpy(), torch.cat(targets).numpy()
+def choose_learning_rates(args, records: dict) -> dict:
+    """Returns {dataset source: {method: {"grid": {lr: validation accuracy}, "lr", "factor"}}}:
+    the grid's best validation accuracy (the smaller lr on a tie)."""
+    chosen = {}
+    for spec in args.specs:
+        for method in (m for m in args.methods if m in LR_METHODS):
+            grid = {}
+            for f in sorted(args.lr_factors):
+                run = _run(args, spec, "few-shot", method, args.select_shots, args.seeds[0], qr.PAPER_LR[method] * f)
+                record = records[run.key()]
+                if "val_accuracy" not in record:
+                    raise SystemExit(f"error: {record['dataset_name']} has no validation split to pick learning rates on; "
+                                     "use --recipes paper")
+                grid[f] = record["val_accuracy"]
+            factor = max(grid, key=lambda f: (grid[f], -f))
+            chosen.setdefault(spec.source, {})[method] = {
+                "grid": {f"{qr.PAPER_LR[method] * f:.3g}": v for f, v in grid.items()},
+                "lr": qr.PAPER_LR[method] * factor, "factor": factor,
+            }
+    return chosen
 
 
-def _linear_probe(task: _Task, shots: int, seed: int, test: tuple[np.ndarray, np.ndarray]) -> dict:
-    """Fits the linear probe on the K-shot features of `seed`. Returns {"accuracy", "C", "train_images"}."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+def recipe_lrs(args, chosen: dict) -> dict:
+    """Returns {(dataset source, protocol, method, recipe): lr} for the trained methods."""
+    out = {}
+    for spec in args.specs:
+        for method in (m for m in args.methods if m in LR_METHODS):
+            for recipe in args.recipes:
+                factor = 1.0 if recipe == "paper" else chosen[spec.source][method]["factor"]
+                out[(spec.source, "few-shot", method, recipe)] = qr.PAPER_LR[method] * factor
+                if method in BASE_TO_NOVEL_LR and spec.base_to_novel:
+                    out[(spec.source, "base-to-novel", method, recipe)] = BASE_TO_NOVEL_LR[method] * factor
+    return out
 
-    rows = fsdata.sample_few_shot(task.train_labels, shots, seed)
-    x, y = task.features(task.train_split, rows)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        if shots >= 2:
-            folds = StratifiedKFold(n_splits=min(shots, PROBE_MAX_FOLDS), shuffle=True, random_state=seed)
-            scores = [
-                cross_val_score(LogisticRegression(C=c, max_iter=2000), x, y, cv=folds).mean()
-                for c in PROBE_C_GRID
-            ]
-            c = PROBE_C_GRID[int(np.argmax(scores))]  # the smallest C among equals: argmax takes the first
+
+def protocol_runs(args, lrs: dict) -> list[qr.Run]:
+    """Every run of the protocol (duplicates removed: a tuned lr equal to the paper's, or a
+    selection run, is one run)."""
+    runs = {}
+
+    def add(run):
+        runs.setdefault(run.key(), run)
+
+    for spec in args.specs:
+        if "zero-shot" in args.methods:
+            add(_run(args, spec, "few-shot", "zero-shot", 0, 0))
+            if spec.base_to_novel:
+                add(_run(args, spec, "base-to-novel", "zero-shot", 0, 0))
+        for method in args.methods:
+            if method == "zero-shot":
+                continue
+            lr_list = [None] if method not in LR_METHODS else [lrs[(spec.source, "few-shot", method, r)] for r in args.recipes]
+            for lr in dict.fromkeys(lr_list):
+                for shots in args.shots:
+                    for seed in args.seeds:
+                        add(_run(args, spec, "few-shot", method, shots, seed, lr))
+            if spec.base_to_novel and method in BASE_TO_NOVEL_LR:
+                for lr in dict.fromkeys(lrs[(spec.source, "base-to-novel", method, r)] for r in args.recipes):
+                    for seed in args.seeds:
+                        add(_run(args, spec, "base-to-novel", method, args.base_to_novel_shots, seed, lr))
+    return list(runs.values())
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+class Runner:
+    """Runs `qr.Run`s in this process (--jobs 1) or in a pool of processes, longest first,
+    adding each record to `records` and calling `on_record` as soon as it is done."""
+
+    def __init__(self, args, model_name: str, threads: int | None, local: qr.Worker):
+        self._pool, self._worker = None, None
+        if args.jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            specs = [s.to_dict() for s in args.specs]
+            self._pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=qr.init_worker, initargs=(model_name, specs, threads))
         else:
-            c = PROBE_ONE_SHOT_C
-        probe = LogisticRegression(C=c, max_iter=2000).fit(x, y)
-    test_x, test_y = test
-    return {
-        "accuracy": 100.0 * float((probe.predict(test_x) == test_y).mean()),
-        "C": c,
-        "train_images": len(rows),
-    }
+            self._worker = local
+            self._worker.progress_bar = False
+
+    def run(self, runs: list[qr.Run], weights: dict, records: dict, on_record, progress) -> None:
+        todo = sorted((r for r in runs if r.key() not in records), key=lambda r: -weights[r.key()])
+        for r in runs:
+            if r.key() in records:
+                progress.update(weights[r.key()])
+        if self._worker is not None:
+            for run in todo:
+                progress.set_postfix_str(_describe(run))
+                on_record(self._worker.execute(run))
+                progress.update(weights[run.key()])
+            return
+        from concurrent.futures import as_completed
+
+        futures = {self._pool.submit(qr.execute, asdict(run)): run for run in todo}
+        for future in as_completed(futures):
+            on_record(future.result())
+            progress.update(weights[futures[future].key()])
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
-def _train_and_evaluate(
-    accelerator, args, parts, task: _Task, method: str, protocol: str, shots: int, seed: int
-) -> dict:
-    """Adapts a fresh copy of the base model with `method` on the K-shot set of `seed` and evaluates it.
-
-    This is the training part of examples/fewshot.py with a PEFT config of our choosing (the
-    library's training loop, data order, augmentation and evaluation).
-
-    Returns:
-        The run's record: accuracies (see `_Task.evaluate`), steps, losses, times, recipe.
-    """
-    base, tokenizer, image_processor = parts
-    recipe = _recipe(args, method, protocol)
-    if protocol == "base-to-novel":
-        classes, _ = fsdata.base_novel_classes(task.data.num_classes)
-    else:
-        classes = list(range(task.data.num_classes))
-    rows = fsdata.sample_few_shot(task.train_labels, shots, seed, classes=classes)
-    position = {c: i for i, c in enumerate(classes)}
-    targets = [position[int(task.train_labels[r])] for r in rows]
-    num_steps = recipe.num_steps(shots, len(rows))
-
-    set_seed(seed)  # LoRA's initialisation and dropout
-    model = copy.deepcopy(base)
-    if args.logit_scale is not None:
-        with torch.no_grad():
-            model.logit_scale.fill_(math.log(args.logit_scale))
-    model = get_peft_model(model, _peft_config(method))
-    trainable, _ = model.get_nb_trainable_parameters()
-    train_set = fsdata.FewShotTrainSet(
-        task.data.splits[task.train_split],
-        rows,
-        targets,
-        fsdata.TrainTransform(image_processor, scale=recipe.crop_scale, flip=args.flip),
-        seed=seed,
-    )
-    loader = torch.utils.data.DataLoader(
-        train_set,
-        sampler=fsdata.FewShotOrder(len(rows), num_steps * recipe.batch_size, seed=seed),
-        batch_size=recipe.batch_size,
-    )
-    names = [task.data.class_names[c] for c in classes]
-    classifier = training.PromptClassifier(
-        model, tokenize_prompts(tokenizer, templates.build_prompts(names, task.template))
-    )
-    optimizer = training.build_optimizer(classifier, recipe)
-    scheduler = training.build_scheduler(optimizer, recipe, num_steps)
-    classifier, optimizer, loader, scheduler = accelerator.prepare(classifier, optimizer, loader, scheduler)
-    stats = training.train(accelerator, classifier, optimizer, scheduler, loader, num_steps=num_steps)
-
-    started = time.perf_counter()
-    scores = task.evaluate(
-        accelerator.unwrap_model(classifier).model, "base-to-novel" if protocol == "base-to-novel" else "all"
-    )
-    eval_s = time.perf_counter() - started
-    accelerator.free_memory()  # drop the accelerator's references to this run's objects
-    return {
-        **scores,
-        "steps": stats.steps,
-        "train_images": len(rows),
-        "final_loss": stats.final_loss,
-        "mean_loss": stats.mean_loss,
-        "train_s": stats.wall_time_s,
-        "step_s": stats.wall_time_s / stats.steps,
-        "eval_s": eval_s,
-        "trainable_parameters": trainable,
-        "lr": recipe.lr,
-    }
+def _describe(run) -> str:
+    lr = f" lr={run.lr:.3g}" if run.lr is not None else ""
+    return f"{os.path.basename(run.dataset)} {run.protocol} {run.method} K={run.shots} seed={run.seed}{lr}"
 
 
-def _planned_steps(args, task: _Task, protocol: str, method: str, shots: int) -> int:
-    recipe = _recipe(args, method, protocol)
-    if protocol == "base-to-novel":
-        classes, _ = fsdata.base_novel_classes(task.data.num_classes)
-    else:
-        classes = None
-    # Seed 0 stands for all seeds: only classes with fewer than K images make the count vary (and
-    # those are reported when the run samples its shots).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        rows = fsdata.sample_few_shot(task.train_labels, shots, 0, classes=classes)
-    return recipe.num_steps(shots, len(rows))
-
-
-def _key(run: dict) -> tuple:
-    return run["dataset"], run["protocol"], run["method"], run["shots"], run["seed"]
+# -- aggregation and report ----------------------------------------------------------------
 
 
 def _stats(values) -> dict:
     v = np.asarray(values, dtype=np.float64)
-    return {
-        "mean": float(v.mean()),
-        "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-        "min": float(v.min()),
-        "max": float(v.max()),
-        "n": int(v.size),
-    }
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
 
 
-def summarize(runs: list[dict], datasets: list[str]) -> dict:
+def _rows(record: dict) -> list[tuple[str, str]]:
+    """(method, recipe) rows of the tables: zero-shot and linear probe once, the trained methods
+    per recipe."""
+    s = record["settings"]
+    rows = []
+    for m in s["methods"]:
+        if m in LR_METHODS:
+            rows += [(m, r) for r in s["recipes"]]
+        else:
+            rows.append((m, ""))
+    return rows
+
+
+def _matching(record: dict, dataset: str, protocol: str, method: str, recipe: str) -> list[dict]:
+    """The runs of one table row on one dataset."""
+    lr = record["recipe_lrs"].get(f"{dataset}|{protocol}|{method}|{recipe}") if recipe else None
+    return [r for r in record["runs"] if r["dataset"] == dataset and r["protocol"] == protocol and r["method"] == method
+            and (not recipe or r.get("lr") == lr) and (protocol != "few-shot" or method == "zero-shot"
+                                                        or r["shots"] in record["settings"]["shots"])]
+
+
+def summarize(record: dict) -> dict:
     """Aggregates runs over seeds.
 
-    Returns:
-        `{"few_shot": {dataset_or_"average": {method: {shots: stats}}}, "base_to_novel":
-        {dataset_or_"average": {method: {"base"|"novel"|"hm": stats}}}}`; stats hold mean, std
-        (over seeds, n-1), min, max and n. The average is taken over datasets seed by seed, for
-        cells present on every dataset. Zero-shot has no seeds: n is 1.
+    Returns `{"few_shot": {dataset: {row: {K: stats}}}, "base_to_novel": {dataset: {row:
+    {base|novel|hm: stats}}}, "retention": {target dataset: {row: {retention dataset: stats}}}}`
+    where a row is "method" or "method/recipe" and stats hold mean, std (over seeds, n-1), min,
+    max and n. "average" averages over datasets seed by seed, for cells present on all of them.
+    Retention is taken at the largest K.
     """
-    few, b2n = {}, {}
-    per_seed = {}  # (protocol, method, shots, metric) -> seed -> {dataset: value}
-    for r in runs:
-        if r["protocol"] == "few-shot":
-            few.setdefault(r["dataset"], {}).setdefault(r["method"], {}).setdefault(r["shots"], []).append(
-                r["accuracy"]
-            )
-            per_seed.setdefault(("few-shot", r["method"], r["shots"], "accuracy"), {}).setdefault(
-                r["seed"], {}
-            )[r["dataset"]] = r["accuracy"]
-        else:
-            for metric in ("base", "novel", "hm"):
-                b2n.setdefault(r["dataset"], {}).setdefault(r["method"], {}).setdefault(metric, []).append(
-                    r[metric]
-                )
-                per_seed.setdefault(("base-to-novel", r["method"], r["shots"], metric), {}).setdefault(
-                    r["seed"], {}
-                )[r["dataset"]] = r[metric]
-    out = {
-        "few_shot": {
-            d: {m: {k: _stats(v) for k, v in sorted(c.items())} for m, c in ms.items()}
-            for d, ms in few.items()
-        },
-        "base_to_novel": {
-            d: {m: {k: _stats(v) for k, v in c.items()} for m, c in ms.items()} for d, ms in b2n.items()
-        },
-    }
-    if len(datasets) > 1:
-        for (protocol, method, shots, metric), seeds in per_seed.items():
-            means = [
-                np.mean([v[d] for d in datasets]) for v in seeds.values() if all(d in v for d in datasets)
-            ]
-            if not means:
+    s = record["settings"]
+    names = {d["source"]: record["dataset_names"][d["source"]] for d in s["datasets"]}
+    out = {"few_shot": {}, "base_to_novel": {}, "retention": {}}
+    per_seed = {}  # (table, row, column) -> seed -> {dataset: value}
+    k_max = max(s["shots"])
+    for source, name in names.items():
+        for method, recipe in _rows(record):
+            row = f"{method}/{recipe}" if recipe else method
+            for r in _matching(record, source, "few-shot", method, recipe):
+                ks = s["shots"] if method == "zero-shot" else [r["shots"]]
+                for k in ks:
+                    out["few_shot"].setdefault(name, {}).setdefault(row, {}).setdefault(k, []).append(r["accuracy"])
+                    per_seed.setdefault(("few_shot", row, k), {}).setdefault(r["seed"], {})[name] = r["accuracy"]
+                if r["shots"] == k_max:
+                    for other, value in r.get("retention_accuracy", {}).items():
+                        out["retention"].setdefault(name, {}).setdefault(row, {}).setdefault(other, []).append(value)
+                        per_seed.setdefault(("retention", row, other), {}).setdefault(r["seed"], {})[name] = value
+            for r in _matching(record, source, "base-to-novel", method, recipe):
+                for metric in ("base", "novel", "hm"):
+                    out["base_to_novel"].setdefault(name, {}).setdefault(row, {}).setdefault(metric, []).append(r[metric])
+                    per_seed.setdefault(("base_to_novel", row, metric), {}).setdefault(r["seed"], {})[name] = r[metric]
+    for table in ("few_shot", "base_to_novel", "retention"):
+        out[table] = {d: {row: {c: _stats(v) for c, v in cells.items()} for row, cells in rows.items()}
+                      for d, rows in out[table].items()}
+    if len(names) > 1:
+        for (table, row, column), seeds in per_seed.items():
+            datasets = [d for d in out[table] if row in out[table][d]]
+            if len(datasets) < len(names):  # an average only over every dataset
                 continue
-            if protocol == "few-shot":
-                out["few_shot"].setdefault("average", {}).setdefault(method, {})[shots] = _stats(means)
-            else:
-                out["base_to_novel"].setdefault("average", {}).setdefault(method, {})[metric] = _stats(means)
-        if "average" in out["few_shot"]:
-            out["few_shot"]["average"] = {
-                m: dict(sorted(c.items())) for m, c in out["few_shot"]["average"].items()
-            }
+            means = [np.mean([v[d] for d in datasets]) for v in seeds.values() if all(d in v for d in datasets)]
+            if means:
+                out[table].setdefault("average", {}).setdefault(row, {})[column] = _stats(means)
+    for table in ("few_shot", "base_to_novel"):
+        for rows in out[table].values():
+            for row in rows:
+                rows[row] = dict(sorted(rows[row].items(), key=lambda kv: str(kv[0]).zfill(8)))
     return out
+
+
+def _label(row: str, record: dict | None = None) -> str:
+    method, _, recipe = row.partition("/")
+    return LABELS[method] + (f", {recipe} lr" if recipe else "")
 
 
 def _cell(s: dict | None) -> str:
@@ -448,77 +405,128 @@ def _cell(s: dict | None) -> str:
     return f"{s['mean']:.1f}" if s["n"] == 1 else f"{s['mean']:.1f} ± {s['std']:.1f}"
 
 
-def markdown_tables(summary: dict, shots: list[int], methods: list[str]) -> str:
-    """Returns the few-shot table (rows dataset x method, columns K) and, if any, the base-to-novel
-    table (rows dataset x method, columns base / novel / HM), cells `mean ± std` over seeds."""
-    lines = [
-        "| dataset | method | " + " | ".join(f"{k} shot{'s' if k > 1 else ''}" for k in shots) + " |",
-        "|---|---|" + "---|" * len(shots),
-    ]
-    for dataset, by_method in summary["few_shot"].items():
-        for method in methods:
-            if method not in by_method:
-                continue
-            cells = by_method[method]
-            if method == "zero-shot":  # does not depend on K
-                row = [_cell(next(iter(cells.values())))] * len(shots)
-            else:
-                row = [_cell(cells.get(k)) for k in shots]
-            lines.append(f"| {dataset} | {LABELS[method]} | " + " | ".join(row) + " |")
+def markdown_tables(summary: dict, record: dict) -> str:
+    """Returns the Markdown tables: few-shot (rows dataset x method, columns K), base-to-novel,
+    retention, learning-rate selection and the targets."""
+    shots = record["settings"]["shots"]
+    lines = ["| dataset | method | " + " | ".join(f"{k} shot{'s' if k > 1 else ''}" for k in shots) + " |",
+             "|---|---|" + "---|" * len(shots)]
+    for dataset, rows in summary["few_shot"].items():
+        for row, cells in rows.items():
+            lines.append(f"| {dataset} | {_label(row)} | " + " | ".join(_cell(cells.get(k)) for k in shots) + " |")
     if summary["base_to_novel"]:
-        lines += ["", "| dataset | method | base | novel | HM |", "|---|---|---|---|---|"]
-        for dataset, by_method in summary["base_to_novel"].items():
-            for method in methods:
-                if method in by_method:
-                    m = by_method[method]
-                    lines.append(
-                        f"| {dataset} | {LABELS[method]} | {_cell(m['base'])} | {_cell(m['novel'])} | {_cell(m['hm'])} |"
-                    )
+        lines += ["", f"Base-to-novel ({record['settings']['base_to_novel_shots']} shots per base class):", "",
+                  "| dataset | method | base | novel | HM |", "|---|---|---|---|---|"]
+        for dataset, rows in summary["base_to_novel"].items():
+            for row, m in rows.items():
+                lines.append(f"| {dataset} | {_label(row)} | {_cell(m.get('base'))} | {_cell(m.get('novel'))} | {_cell(m.get('hm'))} |")
+    if summary["retention"]:
+        zero = record["retention_zero_shot"]
+        targets = [d for d in summary["retention"] if d != "average"]
+        lines += ["", f"Retention: accuracy on {', '.join(zero)} after adapting at {max(shots)} shots "
+                  f"(zero-shot: {', '.join(f'{k} {v:.1f}' for k, v in zero.items())}; the linear probe and "
+                  "Tip-Adapter-F leave the model unchanged):", "",
+                  "| retention on | method | " + " | ".join(f"after {t}" for t in targets) + " |",
+                  "|---|---|" + "---|" * len(targets)]
+        rows = dict.fromkeys(row for t in targets for row in summary["retention"][t])
+        for other in zero:
+            for row in rows:
+                cells = [_cell(summary["retention"][t].get(row, {}).get(other)) for t in targets]
+                lines.append(f"| {other} | {_label(row)} | " + " | ".join(cells) + " |")
+    if record.get("selection"):
+        lines += ["", f"Learning rates picked on the validation split ({record['settings']['select_shots']} shots, "
+                  f"seed {record['settings']['seeds'][0]}): validation accuracy per lr, chosen in bold.", "",
+                  "| dataset | method | grid (lr: validation %) |", "|---|---|---|"]
+        for source, methods in record["selection"].items():
+            for method, sel in methods.items():
+                grid = ", ".join((f"**{lr}: {v:.1f}**" if float(lr) == float(f"{sel['lr']:.3g}") else f"{lr}: {v:.1f}")
+                                 for lr, v in sel["grid"].items())
+                lines.append(f"| {record['dataset_names'][source]} | {LABELS[method]} | {grid} |")
+    targets = check_targets(summary, record)
+    if targets:
+        lines += ["", "Targets (means over seeds):", "", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets]
     return "\n".join(lines)
 
 
-def plot(summary: dict, shots: list[int], methods: list[str], path: str, title: str) -> None:
-    """Writes a PNG: one panel per dataset (and the average), accuracy against K (log scale) per
-    trained method and the linear probe, mean over seeds with the min-max band; zero-shot dashed."""
+def check_targets(summary: dict, record: dict) -> list[tuple[str, str, bool]]:
+    """The issue's targets for peft-svd at its tuned learning rate, on the average over datasets
+    (or the one dataset): returns (target, measured, met) rows; empty if the rows are missing."""
+    few = summary["few_shot"].get("average") or next(iter(summary["few_shot"].values()), {})
+    svd, lora, probe = few.get("svd/tuned"), few.get("lora/tuned"), few.get("linear-probe")
+    out = []
+    if svd and lora:
+        for k in record["settings"]["shots"]:
+            if k in svd and k in lora:
+                out.append((f"peft-svd >= LoRA at {k} shot{'s' if k > 1 else ''}",
+                            f"{svd[k]['mean']:.1f} vs {lora[k]['mean']:.1f}", svd[k]["mean"] >= lora[k]["mean"]))
+    b2n = summary["base_to_novel"].get("average") or next(iter(summary["base_to_novel"].values()), {})
+    if "svd/tuned" in b2n and "lora/tuned" in b2n:
+        a, b = b2n["svd/tuned"]["hm"]["mean"], b2n["lora/tuned"]["hm"]["mean"]
+        out.append(("peft-svd >= LoRA on base-to-novel HM", f"{a:.1f} vs {b:.1f}", a >= b))
+    if svd and probe:
+        for k in (1, 2):
+            if k in svd and k in probe:
+                out.append((f"peft-svd >= linear probe at {k} shot{'s' if k > 1 else ''}",
+                            f"{svd[k]['mean']:.1f} vs {probe[k]['mean']:.1f}", svd[k]["mean"] >= probe[k]["mean"]))
+    retention = summary["retention"].get("average") or next(iter(summary["retention"].values()), {})
+    for other, zero in record.get("retention_zero_shot", {}).items():
+        s = retention.get("svd/tuned", {}).get(other)
+        lo = retention.get("lora/tuned", {}).get(other)
+        if s and lo:
+            out.append((f"peft-svd retention on {other} >= LoRA's", f"{s['mean']:.1f} vs {lo['mean']:.1f}", s["mean"] >= lo["mean"]))
+        if s:
+            out.append((f"peft-svd retention on {other} within 5 points of zero-shot", f"{s['mean']:.1f} vs {zero:.1f}",
+                        s["mean"] >= zero - 5))
+    return out
+
+
+def plot(summary: dict, record: dict, path: str, title: str) -> None:
+    """Writes a PNG: one panel per dataset (and the average) of accuracy against K (log scale),
+    mean with the min-max band over seeds, tuned recipes solid and paper recipes dashed,
+    zero-shot as a grey line; and a panel of retention bars if measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    shots = record["settings"]["shots"]
     panels = list(summary["few_shot"])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    colors = {"zero-shot": "0.4", "linear-probe": "tab:green", "lora": "tab:blue", "svd": "tab:red"}
-    for ax, panel in zip(axes[0], panels, strict=True):
-        by_method = summary["few_shot"][panel]
-        for method in methods:
-            if method not in by_method:
-                continue
-            cells = by_method[method]
+    retention = summary["retention"].get("average") or next(iter(summary["retention"].values()), None)
+    n = len(panels) + (1 if retention else 0)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=False):
+        for row, cells in summary["few_shot"][panel].items():
+            method, _, recipe = row.partition("/")
             if method == "zero-shot":
-                ax.axhline(
-                    next(iter(cells.values()))["mean"],
-                    color=colors[method],
-                    linestyle="--",
-                    label=LABELS[method],
-                )
+                ax.axhline(next(iter(cells.values()))["mean"], color=COLORS[method], linestyle=":", label=LABELS[method])
                 continue
             ks = [k for k in shots if k in cells]
-            mean = [cells[k]["mean"] for k in ks]
-            ax.plot(ks, mean, marker="o", color=colors[method], label=LABELS[method])
-            ax.fill_between(
-                ks,
-                [cells[k]["min"] for k in ks],
-                [cells[k]["max"] for k in ks],
-                color=colors[method],
-                alpha=0.2,
-            )
+            style = "--" if recipe == "paper" else "-"
+            ax.plot(ks, [cells[k]["mean"] for k in ks], style, marker="o", ms=3, color=COLORS[method], label=_label(row),
+                    linewidth=1 if recipe == "paper" else 1.8)
+            if recipe != "paper":
+                ax.fill_between(ks, [cells[k]["min"] for k in ks], [cells[k]["max"] for k in ks], color=COLORS[method], alpha=0.15)
         ax.set_xscale("log", base=2)
         ax.set_xticks(shots, [str(k) for k in shots])
         ax.set_xlabel("shots per class (K)")
         ax.set_title(panel)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("top-1 accuracy (%)")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    axes[0][0].legend(fontsize=6, loc="lower right")
+    if retention:
+        ax = axes[0][-1]
+        zero = record["retention_zero_shot"]
+        other = next(iter(zero))
+        rows = [row for row in retention if other in retention[row]]
+        means = [retention[row][other]["mean"] for row in rows]
+        ax.barh(range(len(rows)), means, color=[COLORS[r.partition("/")[0]] for r in rows],
+                hatch=None, alpha=0.8, xerr=[retention[row][other]["std"] for row in rows])
+        ax.axvline(zero[other], color="0.3", linestyle=":", label="zero-shot")
+        ax.set_yticks(range(len(rows)), [_label(r) for r in rows], fontsize=7)
+        ax.set_xlabel(f"accuracy on {other} after adapting (%), K={max(shots)}")
+        ax.set_title("retention")
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -528,19 +536,24 @@ def plot(summary: dict, shots: list[int], methods: list[str], path: str, title: 
 def write_report(record: dict, output_dir: str) -> str:
     """Writes table.md and accuracy_vs_shots.png from a results record; returns the tables."""
     s = record["settings"]
-    summary = summarize(record["runs"], record["datasets"])
+    summary = summarize(record)
     record["summary"] = summary
-    tables = markdown_tables(summary, s["shots"], s["methods"])
-    scale = f"iterations x {s['iters_scale']:g}" + (
-        f", at most {s['max_steps']} steps" if s["max_steps"] else ""
+    tables = markdown_tables(summary, record)
+    scale = "paper iteration counts" if s["iters_scale"] == 1 else f"iterations x {s['iters_scale']:g}"
+    scale += f", at most {s['max_steps']} steps" if s["max_steps"] else ""
+    title = f"{os.path.basename(os.path.normpath(s['model']))}, seeds {', '.join(map(str, s['seeds']))}, {scale}"
+    plot(summary, record, os.path.join(output_dir, "accuracy_vs_shots.png"), title)
+    datasets = "\n".join(
+        f"- {record['dataset_names'][d['source']]} (`{d['source']}`): template `{record['templates'][d['source']]}`, "
+        f"augmentation {record['augmentations'][d['source']]['name']} (crop {record['augmentations'][d['source']]['crop_scale']}, "
+        f"{'flip' if record['augmentations'][d['source']]['flip'] else 'no flip'}), base-to-novel "
+        f"{'yes' if d['base_to_novel'] else 'no'}" for d in s["datasets"]
     )
-    title = (
-        f"{os.path.basename(os.path.normpath(s['model']))}, seeds {', '.join(map(str, s['seeds']))}, {scale}"
-    )
-    plot(summary, s["shots"], s["methods"], os.path.join(output_dir, "accuracy_vs_shots.png"), title)
+    calls = "\n".join(f"- `{c['command']}` ({c['started']}, {c['wall_time_s'] / 60:.1f} min, {c['runs_done']} runs)"
+                      for c in record["calls"])
     with open(os.path.join(output_dir, "table.md"), "w") as f:
-        f.write(f"Top-1 accuracy (%), mean ± std over seeds {', '.join(map(str, s['seeds']))}; {scale}.\n\n")
-        f.write(f"Command: `{record['command']}`\n\n{tables}\n")
+        f.write(f"Top-1 accuracy (%), mean ± std over seeds {', '.join(map(str, s['seeds']))}; {scale}.\n\n"
+                f"Datasets:\n{datasets}\n\nCalls:\n{calls}\n\n{tables}\n")
     return tables
 
 
@@ -562,176 +575,125 @@ def _save(record: dict, path: str) -> None:
     os.replace(partial, path)  # a run killed while writing keeps the previous file
 
 
+# -- main ------------------------------------------------------------------------------------
+
+
+def _settings(args, model_name: str) -> dict:
+    return {
+        "model": model_name, "datasets": [s.to_dict() for s in args.specs], "methods": args.methods,
+        "recipes": args.recipes, "shots": args.shots, "seeds": args.seeds, "lr_factors": args.lr_factors,
+        "select_shots": args.select_shots, "base_to_novel_shots": args.base_to_novel_shots, "iters_scale": args.iters_scale,
+        "max_steps": args.max_steps, "batch_size": args.batch_size, "logit_scale": args.logit_scale,
+        "retention": args.retention, "compile": args.compile,
+        "paper_lr": qr.PAPER_LR, "base_to_novel_paper_lr": BASE_TO_NOVEL_LR,
+        "lora": {"config": qr.LORA_CONFIG, "recipe": qr.LORA_RECIPE},
+        "svd": {"config": "SVDConfig() defaults", "recipe": qr.SVD_RECIPE, "base_to_novel_recipe": qr.SVD_BASE_TO_NOVEL},
+        "coop": qr.baselines.COOP_RECIPE, "tip_adapter_f": qr.baselines.TIP_RECIPE,
+        "linear_probe": {"C_grid": qr.PROBE_C_GRID, "one_shot_C": qr.PROBE_ONE_SHOT_C, "max_folds": qr.PROBE_MAX_FOLDS},
+    }
+
+
+def _open_record(args, results_path: str, settings: dict) -> dict:
+    if not os.path.exists(results_path):
+        return {"calls": [], "runs": []}
+    if not args.resume:
+        raise SystemExit(f"error: {results_path} exists; pass --resume to continue it, or another --output-dir")
+    with open(results_path) as f:
+        previous = json.load(f)
+    differ = {k: (previous["settings"].get(k), settings[k]) for k in _RUN_SETTINGS if previous["settings"].get(k) != settings[k]}
+    if differ:
+        listed = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
+        raise SystemExit(f"error: {results_path} was written with other settings ({listed}); use another --output-dir")
+    return previous
+
+
+def _describe_datasets(args, runner_worker) -> tuple[dict, dict, dict]:
+    """(names, templates, augmentations) of the datasets, warning about generic templates."""
+    names, used_templates, augmentations = {}, {}, {}
+    for spec in args.specs:
+        task = runner_worker.task(spec.source)
+        names[spec.source], used_templates[spec.source] = task.name, task.template
+        augmentations[spec.source] = task.augmentation.to_dict()
+        if spec.template is None and task.data.template is None and task.template == templates.DEFAULT_TEMPLATE:
+            print(f"warning: no template known for {spec.source!r}; its prompts are {task.template!r}. Zero-shot and "
+                  "every method depend on it: pass --template if the dataset has a better one", file=sys.stderr)
+    return names, used_templates, augmentations
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    accelerator = Accelerator(
-        mixed_precision="no", dataloader_config=DataLoaderConfiguration(split_batches=True)
-    )
-    if accelerator.num_processes > 1:
-        raise SystemExit(
-            "error: run this benchmark in one process (python benchmarks/quality.py): its runs are small"
-        )
+    started, started_at = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
     model_name = args.model
     if model_name is None:
         from peft_svd import builtin
 
         model_name = builtin.model_path()
+    if args.retention is None:
+        args.retention = [BUILTIN_RETENTION] if args.model is None else []
+    threads = args.threads or (1 if not torch.cuda.is_available() else None)
     os.makedirs(args.output_dir, exist_ok=True)
     results_path = os.path.join(args.output_dir, "results.json")
+    settings = _settings(args, model_name)
+    record = _open_record(args, results_path, settings)
+    records = {qr.run_key(r): r for r in record["runs"]}
+    command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    call = {"command": command, "started": started_at, "wall_time_s": 0.0, "runs_done": 0}
+    record["calls"].append(call)
 
-    settings = {
-        "model": model_name,
-        "iters_scale": args.iters_scale,
-        "max_steps": args.max_steps,
-        "batch_size": args.batch_size,
-        "crop_scale": args.crop_scale,
-        "logit_scale": args.logit_scale,
-        "flip": args.flip,
-        "lora_lr": args.lora_lr,
-        "svd_lr": args.svd_lr,
-        "base_to_novel_shots": args.base_to_novel_shots,
-        "shots": args.shots,
-        "seeds": args.seeds,
-        "methods": [m for m in METHODS if m in args.methods],
-        "base_to_novel": not args.skip_base_to_novel,
-        "lora": {"config": LORA_CONFIG, "recipe": LORA_RECIPE},
-        "svd": {
-            "config": "SVDConfig() defaults",
-            "recipe": SVD_RECIPE,
-            "base_to_novel_recipe": SVD_BASE_TO_NOVEL,
-        },
-        "linear_probe": {
-            "C_grid": PROBE_C_GRID,
-            "one_shot_C": PROBE_ONE_SHOT_C,
-            "max_folds": PROBE_MAX_FOLDS,
-        },
-    }
-    done = {}
-    if os.path.exists(results_path):
-        if not args.resume:
-            raise SystemExit(
-                f"error: {results_path} exists; pass --resume to continue it, or another --output-dir"
-            )
-        with open(results_path) as f:
-            previous = json.load(f)
-        differ = {
-            k: (previous["settings"].get(k), settings[k])
-            for k in _RUN_SETTINGS
-            if previous["settings"].get(k) != settings[k]
-        }
-        if differ:
-            raise SystemExit(
-                f"error: {results_path} was written with other settings {differ}; use another --output-dir"
-            )
-        done = {_key(r): r for r in previous["runs"]}
+    # The parent's own worker describes the datasets and scores zero-shot retention; with
+    # --jobs 1 it also does the runs.
+    if threads:
+        torch.set_num_threads(threads)
+    local = qr.Worker(model_name, args.specs, threads)
+    names, used_templates, augmentations = _describe_datasets(args, local)
+    record.update({
+        "date": started_at, "settings": settings, "model_sha256": _model_fingerprint(model_name),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "jobs": args.jobs, "threads_per_job": threads or torch.get_num_threads(),
+                    "device": str(local.device), "torch": torch.__version__, "python": platform.python_version()},
+        "dataset_names": names, "templates": used_templates, "augmentations": augmentations,
+        "retention_zero_shot": {local.task(r).name: qr.accuracy(local.base, local.tokenizer, local.task(r),
+                                                                local.task(r).test_split, device=local.device)
+                                for r in args.retention},
+    })
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name)
-    image_processor = AutoImageProcessor.from_pretrained(model_name)
-    base = AutoModel.from_pretrained(model_name).to(accelerator.device).eval()
-    parts = (base, tokenizer, image_processor)
-    tasks = [_Task(accelerator, source, parts, args.eval_batch_size) for source in args.datasets]
-    record = {
-        "command": "python benchmarks/quality.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "device": str(accelerator.device),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-        "model_sha256": _model_fingerprint(model_name),
-        "settings": settings,
-        "datasets": [t.name for t in tasks],
-        "zero_shot": {},
-        "runs": [],
-        "wall_time_s": None,
-    }
-
-    # The grid: (task, protocol, method, shots, seed), trained runs weighted by their steps in the progress bar.
-    plan = []
-    for task in tasks:
-        for method in settings["methods"]:
-            if method == "zero-shot":
-                continue
-            for shots in args.shots:
-                for seed in args.seeds:
-                    plan.append((task, "few-shot", method, shots, seed))
-        if not args.skip_base_to_novel:
-            for method in (m for m in settings["methods"] if m in TRAINED):
-                for seed in args.seeds:
-                    plan.append((task, "base-to-novel", method, args.base_to_novel_shots, seed))
-    weight = {p: _planned_steps(args, *p[:4]) if p[2] in TRAINED else 1 for p in plan}
-    record["planned_training_steps"] = sum(w for p, w in weight.items() if p[2] in TRAINED)
-
-    started = time.perf_counter()
-    for task in tasks:  # zero-shot: no seed, no training
-        zs = task.evaluate(base, "all")["accuracy"]
-        record["zero_shot"][task.name] = {"accuracy": zs}
-        if "zero-shot" in settings["methods"]:
-            record["runs"].append(
-                {
-                    "dataset": task.name,
-                    "protocol": "few-shot",
-                    "method": "zero-shot",
-                    "shots": 0,
-                    "seed": 0,
-                    "accuracy": zs,
-                }
-            )
-            if not args.skip_base_to_novel:
-                b2n = task.evaluate(base, "base-to-novel")
-                record["runs"].append(
-                    {
-                        "dataset": task.name,
-                        "protocol": "base-to-novel",
-                        "method": "zero-shot",
-                        "shots": 0,
-                        "seed": 0,
-                        **b2n,
-                    }
-                )
-    test_features = {}
-    progress = tqdm(
-        total=sum(weight.values()), desc="quality grid (training steps)", unit="step", dynamic_ncols=True
-    )
-    for p in plan:
-        task, protocol, method, shots, seed = p
-        key = (task.name, protocol, method, shots, seed)
-        progress.set_postfix_str(f"{task.name} {protocol} {method} K={shots} seed={seed}")
-        if key in done:
-            run = done[key]
-        else:
-            run = {"dataset": task.name, "protocol": protocol, "method": method, "shots": shots, "seed": seed}
-            if method == "linear-probe":
-                if task.name not in test_features:
-                    test_features[task.name] = task.features(task.test_split)
-                run.update(_linear_probe(task, shots, seed, test_features[task.name]))
-            else:
-                run.update(_train_and_evaluate(accelerator, args, parts, task, method, protocol, shots, seed))
-        record["runs"].append(run)
-        record["wall_time_s"] = time.perf_counter() - started
+    def on_record(rec):
+        records[qr.run_key(rec)] = rec
+        record["runs"] = list(records.values())
+        call["runs_done"] += 1
+        call["wall_time_s"] = time.perf_counter() - started
+        record["wall_time_s"] = sum(c["wall_time_s"] for c in record["calls"])
         _save(record, results_path)
-        progress.update(weight[p])
-        summary = {k: round(run[k], 1) for k in ("accuracy", "base", "novel", "hm") if k in run}
-        progress.write(
-            f"{task.name} {protocol} {method} K={shots} seed={seed}: {summary}"
-            + (f" ({run['steps']} steps, {run['step_s'] * 1000:.0f} ms/step)" if "steps" in run else "")
-        )
-    progress.close()
+        summary = {k: round(rec[k], 1) for k in ("accuracy", "val_accuracy", "base", "novel", "hm") if k in rec}
+        tqdm.write(f"{_describe(qr.Run(**{k: rec[k] for k in qr.Run.__dataclass_fields__}))}: {summary}"
+                   + (f" ({rec['steps']} steps, {rec['step_s'] * 1000:.0f} ms/step)" if "step_s" in rec else ""))
+
+    runner = Runner(args, model_name, threads, local)
+    classes = {s.source: local.task(s.source).data.num_classes for s in args.specs}
+    weight = lambda r: qr.planned_steps(r, classes[r.dataset])  # noqa: E731
+    try:
+        selection = selection_runs(args)
+        with tqdm(total=sum(weight(r) for r in selection), desc="learning-rate selection (steps)", unit="step",
+                  dynamic_ncols=True, disable=not selection) as progress:
+            runner.run(selection, {r.key(): weight(r) for r in selection}, records, on_record, progress)
+        record["selection"] = choose_learning_rates(args, records) if selection else {}
+        lrs = recipe_lrs(args, record["selection"])
+        record["recipe_lrs"] = {"|".join(k): v for k, v in lrs.items()}
+        runs = protocol_runs(args, lrs)
+        record["planned_training_steps"] = sum(weight(r) for r in runs if r.method in qr.TRAINED)
+        with tqdm(total=sum(weight(r) for r in runs), desc="quality protocol (steps)", unit="step", dynamic_ncols=True) as progress:
+            runner.run(runs, {r.key(): weight(r) for r in runs}, records, on_record, progress)
+    finally:
+        runner.close()
+        call["wall_time_s"] = time.perf_counter() - started
+        record["wall_time_s"] = sum(c["wall_time_s"] for c in record["calls"])
+        _save(record, results_path)
 
     tables = write_report(record, args.output_dir)
-    record["wall_time_s"] = time.perf_counter() - started
     _save(record, results_path)
     print(tables)
-    print(
-        f"{len(record['runs'])} runs in {record['wall_time_s'] / 60:.1f} min; results.json, table.md and "
-        f"accuracy_vs_shots.png written to {args.output_dir}"
-    )
+    print(f"{len(record['runs'])} runs; this call {call['wall_time_s'] / 60:.1f} min, all calls "
+          f"{record['wall_time_s'] / 60:.1f} min; results.json, table.md and accuracy_vs_shots.png written to {args.output_dir}")
     return record
 
 

@@ -89,8 +89,15 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=int, default=None, help="Cap on the number of steps (the schedule spans the capped run).")
     g.add_argument("--batch-size", type=int, default=r.batch_size, help="Images per step over all processes and accumulation.")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="Micro-batches per step.")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=list(r.crop_scale), metavar=("MIN", "MAX"),
-                   help="Area range of RandomResizedCrop.")
+    g.add_argument("--augment", choices=["auto", *fsdata.AUGMENTATIONS], default="auto",
+                   help="Training augmentation: natural (RandomResizedCrop 0.08-1 + horizontal flip, the paper's, for "
+                   "photographs), glyph (crops of 0.5-1, no flip: characters and other text-like images, where a "
+                   "mirrored glyph is another glyph), none (the evaluation preprocessing); auto: the dataset's own "
+                   "(glyph for the built-in datasets), else natural.")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="Area range of RandomResizedCrop, overriding --augment's.")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="Random horizontal flip (--no-flip: never), overriding --augment's.")
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                    help="Autocast precision (default: accelerate's config or --mixed_precision of accelerate launch).")
     g.add_argument("--no-shard-prompts", action="store_true",
@@ -153,9 +160,12 @@ def resolve_output_dir(accelerator, args, dataset_name: str) -> str:
     return output_dir
 
 
-def build_recipe(args, dataset_name: str) -> training.FewShotRecipe:
+def build_recipe(args, data: fsdata.ImageClassificationData) -> training.FewShotRecipe:
     """Returns the run's recipe: the natural-image or the dataset's biomedical recipe (--recipe),
-    with every value given on the command line taking precedence."""
+    with every value given on the command line taking precedence, and the augmentation that
+    fits the dataset (--augment)."""
+    dataset_name = data.name
+    augmentation = fsdata.augmentation_for(data, args.augment, crop_scale=args.crop_scale, flip=args.flip)
     base = {}
     if args.recipe != "natural":
         biomedical = recipes.biomedical_recipe(dataset_name)
@@ -170,7 +180,8 @@ def build_recipe(args, dataset_name: str) -> training.FewShotRecipe:
     return training.FewShotRecipe(
         **{k: v for k, v in {**base, **{k: v for k, v in given.items() if v is not None}}.items()},
         min_lr=args.min_lr, iters_per_shot=args.iters_per_shot, max_steps=args.max_steps, batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, crop_scale=tuple(args.crop_scale),
+        gradient_accumulation_steps=args.gradient_accumulation_steps, augmentation=augmentation.name,
+        crop_scale=augmentation.crop_scale, flip=augmentation.flip,
     )
 
 
@@ -214,7 +225,7 @@ def main(argv=None):
         )
     template = args.template or data.template or templates.template_for(data.name)
     templates.check_template(template)
-    recipe = build_recipe(args, data.name)
+    recipe = build_recipe(args, data)
     micro_batch = recipe.micro_batch_size(accelerator.num_processes)
     train_split, _ = data.split(args.train_split, purpose="training", fallbacks=("train",))
     test_split, _ = data.split(args.test_split, purpose="evaluation", fallbacks=("test", "validation"))
@@ -265,7 +276,8 @@ def main(argv=None):
     accelerator.print(
         f"{model_name}: {trainable:,} trainable singular values ({100 * trainable / total:.3f}% of {total:,} parameters); "
         f"{data.name}: {len(train_names)} classes, {len(shot_rows)} training images, {num_steps} steps of {recipe.batch_size}; "
-        f"template {template!r}; AdamW lr {recipe.lr:g}, weight decay {recipe.weight_decay:g}"
+        f"template {template!r}; AdamW lr {recipe.lr:g}, weight decay {recipe.weight_decay:g}; augmentation "
+        f"{recipe.augmentation} (crop scale {recipe.crop_scale[0]:g}-{recipe.crop_scale[1]:g}, {'flip' if recipe.flip else 'no flip'})"
     )
 
     num_workers = args.num_workers
@@ -273,7 +285,7 @@ def main(argv=None):
         num_workers = 0 if accelerator.device.type == "cpu" else min(8, (os.cpu_count() or 1) // accelerator.num_processes)
     train_set = fsdata.FewShotTrainSet(
         data.splits[train_split], shot_rows, shot_targets,
-        fsdata.TrainTransform(image_processor, scale=recipe.crop_scale), seed=args.seed,
+        fsdata.TrainTransform(image_processor, scale=recipe.crop_scale, flip=recipe.flip), seed=args.seed,
     )
     order = fsdata.FewShotOrder(len(shot_rows), num_steps * recipe.batch_size, seed=args.seed)
     # The loader batch is one micro-batch of all processes; Accelerate gives each process its slice.

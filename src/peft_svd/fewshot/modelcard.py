@@ -90,7 +90,8 @@ def model_card(summary: dict) -> str:
         f"| schedule | cosine to {recipe['min_lr']:g}, stepped every iteration, {training['steps']} iterations |",
         f"| batch | {recipe['batch_size']} images per step ({recipe['gradient_accumulation_steps']} accumulation steps, "
         f"{training['num_processes']} processes) |",
-        f"| augmentation | RandomResizedCrop (scale {tuple(recipe['crop_scale'])}) + horizontal flip |",
+        f"| augmentation | {recipe.get('augmentation', 'natural')}: RandomResizedCrop (scale {tuple(recipe['crop_scale'])})"
+        f"{' + horizontal flip' if recipe.get('flip', True) else ', no flip'} |",
         f"| mixed precision | {training['mixed_precision']} |",
         "",
         "## Results",

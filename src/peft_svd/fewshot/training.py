@@ -48,7 +48,10 @@ class FewShotRecipe:
         max_steps: cap on the number of steps; the cosine schedule spans the capped run.
         batch_size: images per optimisation step, over all processes and accumulation steps.
         gradient_accumulation_steps: micro-batches per optimisation step.
+        augmentation: name of the training augmentation (a key of `data.AUGMENTATIONS`, or
+            "custom"); `crop_scale` and `flip` are its parts (see `data.augmentation_for`).
         crop_scale: area range of RandomResizedCrop.
+        flip: random horizontal flip.
         betas, eps: AdamW's.
     """
 
@@ -60,7 +63,9 @@ class FewShotRecipe:
     max_steps: int | None = None
     batch_size: int = 32
     gradient_accumulation_steps: int = 1
+    augmentation: str = "natural"
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip: bool = True
     betas: tuple[float, float] = field(default=(0.9, 0.999))
     eps: float = 1e-8
 
@@ -313,6 +318,7 @@ def train(
     checkpointing_steps: int | None = None,
     checkpoint_root: str | None = None,
     run: dict | None = None,
+    progress_bar: bool = True,
 ) -> TrainingStats:
     """Runs the optimisation steps `start_step + 1 .. num_steps`.
 
@@ -320,8 +326,8 @@ def train(
     `(pixel_values, targets)` micro-batches, `gradient_accumulation_steps` per step, and holds
     exactly `num_steps` steps of data (see `data.FewShotOrder`). Each micro-batch: logits from
     `classifier`, cross-entropy, backward; the optimiser and the per-step cosine schedule advance
-    once per step. The progress bar (main process) shows the loss of this process's share of
-    the batch. When `checkpointing_steps` is set the state is saved every that many steps
+    once per step. The progress bar (main process, unless `progress_bar=False`) shows the loss
+    of this process's share of the batch. When `checkpointing_steps` is set the state is saved every that many steps
     (not after the last: the final adapter is saved by the caller).
 
     Returns:
@@ -331,7 +337,8 @@ def train(
     loader = accelerator.skip_first_batches(train_loader, start_step * accumulation) if start_step else train_loader
     classifier.train()
     progress = tqdm(
-        total=num_steps, initial=start_step, desc="training", disable=not accelerator.is_local_main_process, dynamic_ncols=True
+        total=num_steps, initial=start_step, desc="training", dynamic_ncols=True,
+        disable=not (progress_bar and accelerator.is_local_main_process),
     )
     step, started = start_step, time.perf_counter()
     report_every = max(1, num_steps // 100)
