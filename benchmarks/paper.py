@@ -284,7 +284,8 @@ def _launch_command(args, script: str, slot: int) -> tuple[list[str], dict]:
     if processes > 1:
         command += ["--multi_gpu", "--main_process_port", str(29500 + slot)]
     if gpus and args.concurrent_runs > 1:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * processes + i) for i in range(processes))
+        # Each slot its own GPUs; with fewer GPUs than slots x processes, slots share them.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str((slot * processes + i) % gpus) for i in range(processes))
     return command + [script], env
 
 
