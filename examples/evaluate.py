@@ -40,6 +40,8 @@ def parse_args(argv=None):
                    "--model (default: the adapter's recorded revision).")
     p.add_argument("--dataset", nargs="+", required=True, help="Datasets to evaluate on: Hub ids, local folders, builtin:<name>.")
     p.add_argument("--dataset-config", default=None, help="Hub dataset configuration name (all datasets).")
+    p.add_argument("--data-root", default=None, help="With coop:<name> datasets: the folder holding the few-shot "
+                   "benchmark in the CoOp layout.")
     p.add_argument("--image-column", default=None, help="Image column (default: detected).")
     p.add_argument("--label-column", default=None, help="Label column (default: detected).")
     p.add_argument("--class-names", default=None, help="Class names in class-id order: 'a,b,c' or a file, one per line.")
@@ -82,7 +84,7 @@ def main(argv=None):
         with accelerator.main_process_first():  # one process downloads or builds, the others read its cache
             data = fsdata.load_image_classification(
                 source, image_column=args.image_column, label_column=args.label_column,
-                class_names=class_names, config_name=args.dataset_config,
+                class_names=class_names, config_name=args.dataset_config, data_root=args.data_root,
             )
         split, _ = data.split(args.test_split, purpose="evaluation", fallbacks=("test", "validation"))
         fsdata.check_labelled(data, split)

@@ -54,6 +54,8 @@ def parse_args(argv=None):
     g.add_argument("--dataset", default=None, help="Hub dataset id, local folder (imagefolder layout <split>/<class>/<image>, "
                    "or save_to_disk), or builtin:<name>. Default: the built-in dataset.")
     g.add_argument("--dataset-config", default=None, help="Hub dataset configuration name.")
+    g.add_argument("--data-root", default=None, help="With --dataset coop:<name> (e.g. coop:eurosat): the folder holding the "
+                   "few-shot benchmark in the CoOp layout (<data-root>/eurosat/split_zhou_EuroSAT.json, ...).")
     g.add_argument("--image-column", default=None, help="Image column (default: detected).")
     g.add_argument("--label-column", default=None, help="Label column (default: detected).")
     g.add_argument("--class-names", default=None, help="Class names in class-id order: 'a,b,c' or a file with one per line "
@@ -221,7 +223,7 @@ def main(argv=None):
     with accelerator.main_process_first():  # one process downloads or builds, the others read its cache
         data = fsdata.load_image_classification(
             dataset_source, image_column=args.image_column, label_column=args.label_column,
-            class_names=class_names, config_name=args.dataset_config,
+            class_names=class_names, config_name=args.dataset_config, data_root=args.data_root,
         )
     template = args.template or data.template or templates.template_for(data.name)
     templates.check_template(template)
@@ -247,7 +249,7 @@ def main(argv=None):
     eval_sets = []
     for source in args.eval_datasets:
         with accelerator.main_process_first():
-            other = fsdata.load_image_classification(source)
+            other = fsdata.load_image_classification(source, data_root=args.data_root)
         split, _ = other.split(None, purpose="evaluation", fallbacks=("test", "validation"))
         fsdata.check_labelled(other, split)
         eval_sets.append((other, split, other.template or templates.template_for(other.name)))

@@ -162,17 +162,20 @@ def load_image_classification(
     class_names: Sequence[str] | None = None,
     config_name: str | None = None,
     seed: int = 0,
+    data_root: str | None = None,
 ) -> ImageClassificationData:
     """Loads a labelled image dataset and finds its image column, label column and class names.
 
     Args:
-        source: `builtin:<name>`, a local folder (imagefolder layout `<split>/<class>/<image>`,
+        source: `builtin:<name>`, `coop:<name>` (with `data_root`), a local folder (imagefolder layout `<split>/<class>/<image>`,
             or a dataset saved with `save_to_disk`), or a Hub dataset id.
         image_column, label_column: column names; detected from the features when None (the
             first `Image` / `ClassLabel` feature, then common names such as "image", "label").
         class_names: one name per class id; required when the labels are plain integers.
         config_name: Hub dataset configuration.
         seed: passed to built-in datasets, which are generated.
+        data_root: the folder of the few-shot benchmark in the CoOp layout, for `coop:<name>`
+            sources (see `benchmark_datasets`).
 
     Returns:
         An `ImageClassificationData` whose splits hold only `"image"` and `"label"`.
@@ -181,6 +184,10 @@ def load_image_classification(
         ValueError: no image or label column, no class names, or class names that do not match
             the labels. Raised before any image is decoded.
     """
+    from . import benchmark_datasets
+
+    if benchmark_datasets.is_benchmark_source(source):  # the paper's datasets with their fixed splits
+        return benchmark_datasets.load_benchmark_dataset(source, data_root=data_root, class_names=class_names)
     splits, name, template = _open_splits(source, config_name, seed)
     if not isinstance(splits, datasets.DatasetDict) or not splits:
         raise ValueError(f"dataset {source!r} has no splits")
