@@ -1,4 +1,4 @@
-"""End-to-end checks of examples/fewshot.py and examples/evaluate.py on a tiny CLIP and a tiny
+"""End-to-end checks of examples/fewshot.py and examples/evaluate_adapter.py on a tiny CLIP and a tiny
 imagefolder: one process against two (accelerate launch), a run killed mid-way and resumed
 against an uninterrupted one, the outputs, publishing, and the errors on bad input.
 
@@ -20,7 +20,7 @@ from tiny_fewshot import write_imagefolder, write_tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "examples", "fewshot.py")
-EVALUATE = os.path.join(ROOT, "examples", "evaluate.py")
+EVALUATE = os.path.join(ROOT, "examples", "evaluate_adapter.py")
 TOLERANCE = 1e-6
 
 
@@ -183,13 +183,13 @@ def test_gradient_accumulation_gives_the_adapter_of_one_batch(fewshot, reference
 def test_resume_with_other_settings_is_refused(fewshot, reference, tiny_clip_dir, colors_dir):
     args = _run_args(tiny_clip_dir, colors_dir, reference)
     args[args.index("--seed") + 1] = "4"
-    with pytest.raises(ValueError, match="seed: checkpoint 3, now 4"):
+    with pytest.raises(SystemExit, match="seed: checkpoint 3, now 4"):
         fewshot.main(args + ["--resume-from-checkpoint", "latest"])
 
 
 def test_existing_output_directory_is_not_overwritten(fewshot, reference, tiny_clip_dir, colors_dir):
     before = {f: os.path.getmtime(os.path.join(reference, f)) for f in os.listdir(reference)}
-    with pytest.raises(SystemExit, match="exists and is not empty.*--overwrite-output-dir"):
+    with pytest.raises(SystemExit, match="holds a finished run.*--overwrite-output-dir"):
         fewshot.main(_run_args(tiny_clip_dir, colors_dir, reference))
     assert before == {f: os.path.getmtime(os.path.join(reference, f)) for f in os.listdir(reference)}
 
@@ -301,6 +301,8 @@ def test_unlabelled_dataset_is_refused_before_the_model_loads(fewshot, tiny_clip
     import datasets
     from PIL import Image
 
+    from peft_svd.fewshot import models
+
     path = str(tmp_path / "unlabelled")
     ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 2}, features=datasets.Features({"image": datasets.Image()}))
     datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(path)
@@ -308,8 +310,8 @@ def test_unlabelled_dataset_is_refused_before_the_model_loads(fewshot, tiny_clip
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the dataset was checked")
 
-    monkeypatch.setattr(fewshot.models, "load_dual_encoder", must_not_load)
-    with pytest.raises(ValueError, match="no label column"):
+    monkeypatch.setattr(models, "load_dual_encoder", must_not_load)
+    with pytest.raises(SystemExit, match="no label column"):
         fewshot.main(["--model", tiny_clip_dir, "--dataset", path, "--output-dir", str(tmp_path / "out")])
 
 
