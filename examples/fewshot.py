@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 
-from peft_svd.fewshot import params
+from peft_svd.fewshot import output, params
 
 logger = logging.getLogger(__name__)
 
@@ -158,16 +158,23 @@ def check_every_image(accelerator, checks) -> None:
 
     from peft_svd.fewshot import data as fsdata
 
+    errors = []
     for split, rows, where in checks:
         mine = list(rows)[accelerator.process_index :: accelerator.num_processes]
         bad = fsdata.find_unreadable_images(split, mine, progress=accelerator.is_local_main_process, desc=f"checking {where}")
         bad = gather_object(bad) if accelerator.num_processes > 1 else bad
         if bad:
-            raise fsdata.unreadable_images_error(bad, where)
+            errors.append(str(fsdata.unreadable_images_error(bad, where)))
+    if errors:
+        raise fsdata.UnreadableImageError("\n".join(errors))
 
 
 def main(argv=None):
     args = parse_args(argv)  # every flag is checked before anything heavy is imported
+    if args.output_dir is not None:  # and the output folder: a refused one costs nothing
+        with refusing_bad_input():
+            output.check_output_dir(args.output_dir, resume=bool(args.resume_from_checkpoint), overwrite=args.overwrite_output_dir)
+
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
@@ -175,14 +182,11 @@ def main(argv=None):
 
     import peft_svd
     from peft_svd.fewshot import data as fsdata
-    from peft_svd.fewshot import evaluation, modelcard, models, output, templates, training
+    from peft_svd.fewshot import evaluation, modelcard, models, templates, training
     from peft_svd.fewshot.record import RunRecord, RunSummary, TrainingRecord
     from peft_svd.fewshot.zeroshot import tokenize_prompts
 
     with refusing_bad_input():
-        # The output folder first: a refused folder costs nothing.
-        if args.output_dir is not None:
-            output.check_output_dir(args.output_dir, resume=bool(args.resume_from_checkpoint), overwrite=args.overwrite_output_dir)
         recipe = build_recipe(args, None)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
