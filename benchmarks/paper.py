@@ -13,7 +13,7 @@ One command per table; the data root holds the datasets in the CoOp layout (see 
     python benchmarks/paper.py few-shot --data-root DATA --datasets eurosat dtd --shots 1 16 --seeds 1
 
 Every run is an `accelerate launch examples/fewshot.py` (training, then evaluation on the split
-file's test split) or `accelerate launch examples/evaluate.py` (an ImageNet adapter scored on other
+file's test split) or `accelerate launch examples/evaluate_adapter.py` (an ImageNet adapter scored on other
 datasets), each with all GPUs (--num-processes, default all that are visible) or, with
 --concurrent-runs J, J runs at once on their own GPUs. A run whose results are on disk is skipped,
 so after a kill the same command continues; a run killed mid-way resumes from its last checkpoint.
@@ -50,7 +50,7 @@ from peft_svd.fewshot import benchmark_datasets as bd
 from peft_svd.fewshot.evaluation import harmonic_mean
 
 FEWSHOT_SCRIPT = os.path.join(ROOT, "examples", "fewshot.py")
-EVALUATE_SCRIPT = os.path.join(ROOT, "examples", "evaluate.py")
+EVALUATE_SCRIPT = os.path.join(ROOT, "examples", "evaluate_adapter.py")
 CLIP_B16 = "openai/clip-vit-base-patch16"
 
 PUBLISHED_SOURCE = (
@@ -122,7 +122,7 @@ FIRST_SEED = 1  # runs of this seed also evaluate the base model (zero-shot), on
 
 @dataclass
 class Job:
-    """One launch of examples/fewshot.py ("train") or examples/evaluate.py ("evaluate")."""
+    """One launch of examples/fewshot.py ("train") or examples/evaluate_adapter.py ("evaluate")."""
 
     kind: str
     name: str

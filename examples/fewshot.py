@@ -3,19 +3,22 @@
 
 One command on one CPU, one GPU or many GPUs:
 
-    accelerate launch examples/fewshot.py        # built-in model and dataset, offline
-    accelerate launch examples/fewshot.py --model openai/clip-vit-base-patch16 \\
+    accelerate launch -q examples/fewshot.py        # built-in model and dataset, offline
+    accelerate launch -q examples/fewshot.py --model openai/clip-vit-base-patch16 \\
         --dataset path/or/hub-id --shots 16 --seed 1 --output-dir runs/eurosat-16shot
-    accelerate launch examples/fewshot.py \\
+    accelerate launch -q examples/fewshot.py \\
         --model hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 --dataset path/to/BUSI --shots 16
     accelerate launch --multi_gpu --num_processes 8 examples/fewshot.py ...
 
 Trains on K images per class, evaluates on the test split (zero-shot and adapted accuracy), and
-writes the adapter, results.json and a model card (README.md) to --output-dir.
+writes the adapter, results.json and a model card (README.md) to --output-dir. Every flag, the
+output folder, the dataset and every image the run will read are checked before the model loads;
+the final files are moved into the output folder only when all are written.
+(`-q` keeps `accelerate launch` from adding its own traceback to the script's error message.)
 """
-# ruff: noqa: E402  (the import path is fixed before the imports, see below)
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -23,96 +26,67 @@ import sys
 import time
 import warnings
 
-# examples/evaluate.py shares its name with the `evaluate` library that scores the predictions:
-# keep this folder off the import path so that `import evaluate` finds the library.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+from peft_svd.fewshot import output, params
 
-import torch
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list, set_seed
-from peft import get_peft_model
-
-import peft_svd
-from peft_svd import recipes
-from peft_svd.fewshot import data as fsdata
-from peft_svd.fewshot import evaluation, modelcard, models, templates, training
-from peft_svd.fewshot.zeroshot import tokenize_prompts
-
-logger = get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=params.HelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=None, help="CLIP model: a transformers Hub id or folder; an OpenCLIP model "
-                   "(pip install 'peft-svd[openclip]'): hf-hub:<org>/<name>, a checkpoint folder with open_clip_config.json, "
-                   "or an architecture name with --pretrained. Default: the built-in model.")
-    g.add_argument("--pretrained", default=None, help="With an OpenCLIP architecture as --model (e.g. ViT-B-16): its "
-                   "pretrained tag (e.g. openai) or a weights file.")
+    params.add_model_args(g)
     g.add_argument("--dataset", default=None, help="Hub dataset id, local folder (imagefolder layout <split>/<class>/<image>, "
-                   "or save_to_disk), or builtin:<name>. Default: the built-in dataset.")
-    g.add_argument("--dataset-config", default=None, help="Hub dataset configuration name.")
-    g.add_argument("--data-root", default=None, help="With --dataset coop:<name> (e.g. coop:eurosat): the folder holding the "
-                   "few-shot benchmark in the CoOp layout (<data-root>/eurosat/split_zhou_EuroSAT.json, ...).")
-    g.add_argument("--image-column", default=None, help="Image column (default: detected).")
-    g.add_argument("--label-column", default=None, help="Label column (default: detected).")
-    g.add_argument("--class-names", default=None, help="Class names in class-id order: 'a,b,c' or a file with one per line "
-                   "(default: the dataset's ClassLabel names).")
+                   "or save_to_disk), or builtin:<name>. Default: the built-in dataset (and, without --model, the "
+                   "built-in model).")
+    params.add_dataset_args(g)
     g.add_argument("--train-split", default="train", help="Split the K shots are drawn from.")
-    g.add_argument("--test-split", default=None, help="Split evaluated (default: 'test', else 'validation').")
-    g.add_argument("--template", default=None, help="Prompt template with one {} for the class name "
-                   "(default: the dataset's template from the paper, else 'a photo of a {}.').")
 
     g = p.add_argument_group("protocol")
     g.add_argument("--protocol", choices=["few-shot", "base-to-novel"], default="few-shot",
                    help="few-shot: train and test on all classes. base-to-novel: train on the first half of the classes, "
                    "test on base and novel halves, report the harmonic mean.")
-    g.add_argument("--shots", type=int, default=16, help="K, training images per class.")
-    g.add_argument("--seed", type=int, default=1, help="Seed of the K-shot choice, the data order and the augmentation.")
+    g.add_argument("--shots", type=params.positive_int, default=16, help="K, training images per class.")
+    g.add_argument("--seed", type=params.non_negative_int, default=1, help="Seed of the K-shot choice, the data order and the augmentation.")
     g.add_argument("--eval-datasets", nargs="*", default=[], metavar="DATASET",
                    help="Also evaluate the adapter on these datasets (cross-dataset / domain shift), each with its own "
                    "class names and template.")
-    g.add_argument("--skip-zero-shot", action="store_true", help="Do not evaluate the base model without the adapter.")
 
-    g = p.add_argument_group("recipe (defaults: the CLIP-SVD paper)")
-    r = training.FewShotRecipe()
+    g = p.add_argument_group("recipe (default: the CLIP-SVD paper's recipe, see --recipe)")
     g.add_argument("--recipe", choices=["auto", "natural", "biomedical"], default="auto",
                    help="natural: the natural-image recipe; biomedical: the dataset's biomedical recipe (lr per dataset, "
-                   "weight decay 0, epochs); auto: biomedical for the 10 biomedical datasets, else natural. --lr, "
-                   "--weight-decay and --epochs override it.")
-    g.add_argument("--lr", type=float, default=None, help=f"Peak learning rate of AdamW (natural recipe: {r.lr:g}).")
-    g.add_argument("--weight-decay", type=float, default=None,
-                   help=f"AdamW weight decay (natural recipe: {r.weight_decay:g}, biomedical: 0).")
-    g.add_argument("--min-lr", type=float, default=r.min_lr, help="Final learning rate of the cosine schedule.")
-    g.add_argument("--iters-per-shot", type=int, default=r.iters_per_shot, help="Steps per shot (steps = this x shots).")
-    g.add_argument("--epochs", type=float, default=None, help="Instead of --iters-per-shot: passes over the K-shot set.")
-    g.add_argument("--max-steps", type=int, default=None, help="Cap on the number of steps (the schedule spans the capped run).")
-    g.add_argument("--batch-size", type=int, default=r.batch_size, help="Images per step over all processes and accumulation.")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="Micro-batches per step.")
-    g.add_argument("--augment", choices=["auto", *fsdata.AUGMENTATIONS], default="auto",
+                   "weight decay 0, epochs); auto: biomedical for the 10 biomedical datasets, else natural. The flags "
+                   "below override it.")
+    g.add_argument("--lr", type=params.positive_float, default=None, help="Peak learning rate of AdamW (default: the recipe's; natural 5e-4).")
+    g.add_argument("--weight-decay", type=params.non_negative_float, default=None,
+                   help="AdamW weight decay (default: the recipe's; natural 0.01, biomedical 0).")
+    g.add_argument("--min-lr", type=params.non_negative_float, default=None, help="Final learning rate of the cosine schedule (default: 1e-6).")
+    g.add_argument("--iters-per-shot", type=params.positive_int, default=None, help="Steps per shot, steps = this x shots (default: 200).")
+    g.add_argument("--epochs", type=params.positive_float, default=None, help="Instead of --iters-per-shot: passes over the K-shot set.")
+    g.add_argument("--max-steps", type=params.positive_int, default=None, help="Cap on the number of steps (the schedule spans the capped run).")
+    g.add_argument("--batch-size", type=params.positive_int, default=None,
+                   help="Images per step over all processes and accumulation (default: 32).")
+    g.add_argument("--gradient-accumulation-steps", type=params.positive_int, default=None, help="Micro-batches per step (default: 1).")
+    g.add_argument("--augment", choices=["auto", "natural", "glyph", "none"], default="auto",
                    help="Training augmentation: natural (RandomResizedCrop 0.08-1 + horizontal flip, the paper's, for "
                    "photographs), glyph (crops of 0.5-1, no flip: characters and other text-like images, where a "
                    "mirrored glyph is another glyph), none (the evaluation preprocessing); auto: the dataset's own "
                    "(glyph for the built-in datasets), else natural.")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
-                   help="Area range of RandomResizedCrop, overriding --augment's.")
+    g.add_argument("--crop-scale", type=params.unit_fraction, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="Area range of RandomResizedCrop, 0 < MIN <= MAX <= 1, overriding --augment's.")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="Random horizontal flip (--no-flip: never), overriding --augment's.")
-    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="Autocast precision (default: accelerate's config or --mixed_precision of accelerate launch).")
+    params.add_mixed_precision_arg(g)
     g.add_argument("--no-shard-prompts", action="store_true",
                    help="With several processes, encode all class prompts on every process instead of a share each.")
 
     g = p.add_argument_group("execution")
-    g.add_argument("--eval-batch-size", type=int, default=128, help="Images per evaluation batch over all processes.")
-    g.add_argument("--num-workers", type=int, default=None, help="Data-loading workers per process (default: 0 on CPU, else up to 8).")
+    params.add_evaluation_args(g)
     g.add_argument("--output-dir", default=None, help="Where the adapter, results.json and README.md go "
                    "(default: runs/fewshot-<dataset>-<K>shot-seed<S>-<time>).")
-    g.add_argument("--overwrite-output-dir", action="store_true", help="Allow writing into a non-empty --output-dir.")
-    g.add_argument("--checkpointing-steps", type=int, default=None, help="Save the training state every N steps to "
-                   "<output-dir>/checkpoints/step_<N>.")
+    g.add_argument("--overwrite-output-dir", action="store_true", help="Replace the run in a non-empty --output-dir "
+                   "(its files are replaced only once the new run has written all of its own).")
+    g.add_argument("--checkpointing-steps", type=params.positive_int, default=None, help="Save the training state every N "
+                   "steps to <output-dir>/checkpoints/step_<N>.")
     g.add_argument("--resume-from-checkpoint", default=None, help="A checkpoint folder, or 'latest' (the newest under "
                    "<output-dir>/checkpoints), to continue an interrupted run with the same flags.")
 
@@ -122,54 +96,53 @@ def parse_args(argv=None):
     g.add_argument("--hub-token", default=None, help="Hub token (default: the logged-in token).")
     g.add_argument("--hub-private", action="store_true", help="Create the Hub repository as private.")
     args = p.parse_args(argv)
-    if args.shots < 1:
-        p.error("--shots must be at least 1")
-    if args.template is not None:
-        try:
-            templates.check_template(args.template)
-        except ValueError as exc:
-            p.error(str(exc))
-    if args.checkpointing_steps is not None and args.checkpointing_steps < 1:
-        p.error("--checkpointing-steps must be at least 1")
+    params.check_model_and_dataset_args(p, args)
+    if args.crop_scale is not None and args.crop_scale[0] > args.crop_scale[1]:
+        p.error(f"--crop-scale MIN MAX needs MIN <= MAX, got {args.crop_scale[0]:g} {args.crop_scale[1]:g}")
+    if args.lr is not None and args.min_lr is not None and args.min_lr > args.lr:
+        p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}; the cosine schedule decays from --lr to --min-lr")
     if args.resume_from_checkpoint == "latest" and args.output_dir is None:
         p.error("--resume-from-checkpoint latest needs the --output-dir of the interrupted run")
-    if args.pretrained is not None and (args.model is None or args.model.startswith(("hf-hub:", "local-dir:"))):
-        p.error("--pretrained goes with an OpenCLIP architecture as --model (e.g. --model ViT-B-16 --pretrained openai); "
-                "hf-hub: and local-dir: models carry their own weights")
     if args.push_to_hub:
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # light: no torch
 
         if constants.HF_HUB_OFFLINE:
             p.error("--push-to-hub needs the Hub but HF_HUB_OFFLINE is set; unset it, or push later with the adapter folder")
     return args
 
 
-def resolve_output_dir(accelerator, args, dataset_name: str) -> str:
-    """Returns the output folder, refusing a non-empty one unless resuming or told to overwrite."""
-    output_dir = args.output_dir
-    if output_dir is None:
-        stamp = [time.strftime("%Y%m%d-%H%M%S")]
-        stamp = broadcast_object_list(stamp)[0]  # one name for all processes
-        output_dir = os.path.join("runs", f"fewshot-{dataset_name}-{args.shots}shot-seed{args.seed}-{stamp}")
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        if not (args.resume_from_checkpoint or args.overwrite_output_dir):
-            raise SystemExit(
-                f"error: output directory {output_dir} exists and is not empty. Choose another --output-dir, continue the "
-                "run with --resume-from-checkpoint latest, or pass --overwrite-output-dir to replace its files."
-            )
-    elif os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise SystemExit(f"error: --output-dir {output_dir} is a file")
-    return output_dir
+@contextlib.contextmanager
+def refusing_bad_input():
+    """Ends the script with `error: <message>` and exit status 1 (no traceback) when the checks of
+    the setup stage find bad input: a folder, a dataset, an image, a checkpoint that cannot serve."""
+    try:
+        yield
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
 
 
-def build_recipe(args, data: fsdata.ImageClassificationData) -> training.FewShotRecipe:
-    """Returns the run's recipe: the natural-image or the dataset's biomedical recipe (--recipe),
-    with every value given on the command line taking precedence, and the augmentation that
-    fits the dataset (--augment)."""
-    dataset_name = data.name
+def default_output_dir(accelerator, args, dataset_name: str) -> str:
+    """Returns runs/fewshot-<dataset>-<K>shot-seed<S>-<time>, one name for all processes."""
+    from accelerate.utils import broadcast_object_list
+
+    stamp = broadcast_object_list([time.strftime("%Y%m%d-%H%M%S")])[0]
+    return os.path.join("runs", f"fewshot-{dataset_name}-{args.shots}shot-seed{args.seed}-{stamp}")
+
+
+def build_recipe(args, data=None):
+    """Returns the run's `FewShotRecipe`: the natural-image or the dataset's biomedical recipe (--recipe),
+    with every value given on the command line taking precedence, and the augmentation that fits
+    the dataset (--augment, `data.augmentation_for`). Without `data` only the natural recipe is
+    considered (enough to check the batch before the dataset is loaded)."""
+    from peft_svd import recipes
+    from peft_svd.fewshot import data as fsdata
+    from peft_svd.fewshot import training
+
+    dataset_name = data.name if data is not None else None
     augmentation = fsdata.augmentation_for(data, args.augment, crop_scale=args.crop_scale, flip=args.flip)
+
     base = {}
-    if args.recipe != "natural":
+    if args.recipe != "natural" and dataset_name is not None:
         biomedical = recipes.biomedical_recipe(dataset_name)
         if biomedical is None and args.recipe == "biomedical":
             raise SystemExit(
@@ -178,20 +151,58 @@ def build_recipe(args, data: fsdata.ImageClassificationData) -> training.FewShot
             )
         if biomedical is not None:
             base = {k: biomedical[k] for k in ("lr", "weight_decay", "epochs")}
-    given = {"lr": args.lr, "weight_decay": args.weight_decay, "epochs": args.epochs}
-    return training.FewShotRecipe(
-        **{k: v for k, v in {**base, **{k: v for k, v in given.items() if v is not None}}.items()},
-        min_lr=args.min_lr, iters_per_shot=args.iters_per_shot, max_steps=args.max_steps, batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, augmentation=augmentation.name,
-        crop_scale=augmentation.crop_scale, flip=augmentation.flip,
-    )
+    given = {
+        "lr": args.lr, "weight_decay": args.weight_decay, "epochs": args.epochs, "min_lr": args.min_lr,
+        "iters_per_shot": args.iters_per_shot, "max_steps": args.max_steps, "batch_size": args.batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "augmentation": augmentation.name, "crop_scale": augmentation.crop_scale, "flip": augmentation.flip,
+    }
+    recipe = training.FewShotRecipe(**{**base, **{k: v for k, v in given.items() if v is not None}})
+    if recipe.min_lr > recipe.lr:
+        raise SystemExit(f"error: the final learning rate {recipe.min_lr:g} (--min-lr) is above the peak {recipe.lr:g} (--lr)")
+    return recipe
+
+
+def check_every_image(accelerator, checks) -> None:
+    """Decodes every image the run will read, each process a share, and stops with the list of
+    the files that cannot be read. `checks`: `(split, rows, description)` triples."""
+    from accelerate.utils import gather_object
+
+    from peft_svd.fewshot import data as fsdata
+
+    errors = []
+    for split, rows, where in checks:
+        mine = list(rows)[accelerator.process_index :: accelerator.num_processes]
+        bad = fsdata.find_unreadable_images(split, mine, progress=accelerator.is_local_main_process, desc=f"checking {where}")
+        bad = gather_object(bad) if accelerator.num_processes > 1 else bad
+        if bad:
+            errors.append(str(fsdata.unreadable_images_error(bad, where)))
+    if errors:
+        raise fsdata.UnreadableImageError("\n".join(errors))
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv)  # every flag is checked before anything heavy is imported
+    if args.output_dir is not None:  # and the output folder: a refused one costs nothing
+        with refusing_bad_input():
+            output.check_output_dir(args.output_dir, resume=bool(args.resume_from_checkpoint), overwrite=args.overwrite_output_dir)
+
+    import torch
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from peft import get_peft_model
+
+    import peft_svd
+    from peft_svd.fewshot import data as fsdata
+    from peft_svd.fewshot import evaluation, modelcard, models, templates, training
+    from peft_svd.fewshot.record import RunRecord, RunSummary, TrainingRecord
+    from peft_svd.fewshot.zeroshot import tokenize_prompts
+
+    with refusing_bad_input():
+        recipe = build_recipe(args, None)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
         # --batch-size is the global batch: each process takes its slice of every batch.
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         # Nothing in the model's buffers changes during training: DDP need not re-send them every step.
@@ -212,63 +223,70 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")  # still the option that skips re-sending
     set_seed(args.seed)
 
-    # Data first: every check that can fail on bad input runs before the model is loaded.
-    model_name, dataset_source = args.model, args.dataset
-    if model_name is None or dataset_source is None:  # the offline default: the built-in model and data
-        from peft_svd import builtin
+    # Data: every check that can fail on bad input runs before the model is loaded.
+    with refusing_bad_input():
+        micro_batch = recipe.micro_batch_size(accelerator.num_processes)
+        model_name, dataset_source = args.model, args.dataset
+        if model_name is None or dataset_source is None:  # the offline default: the built-in model and data
+            from peft_svd import builtin
 
-        model_name = model_name or builtin.model_path()
-        dataset_source = dataset_source or f"{fsdata.BUILTIN_PREFIX}{builtin.DEFAULT_DATASET}"
-    class_names = fsdata.parse_class_names(args.class_names)
-    with accelerator.main_process_first():  # one process downloads or builds, the others read its cache
-        data = fsdata.load_image_classification(
-            dataset_source, image_column=args.image_column, label_column=args.label_column,
-            class_names=class_names, config_name=args.dataset_config, data_root=args.data_root,
+            model_name = model_name or builtin.model_path()
+            dataset_source = dataset_source or f"{fsdata.BUILTIN_PREFIX}{builtin.DEFAULT_DATASET}"
+        class_names = fsdata.parse_class_names(args.class_names)
+        with accelerator.main_process_first():  # one process downloads or builds, the others read its cache
+            data = fsdata.load_image_classification(
+                dataset_source, image_column=args.image_column, label_column=args.label_column,
+                class_names=class_names, config_name=args.dataset_config, data_root=args.data_root,
+            )
+        template = templates.check_template(args.template or data.template or templates.template_for(data.name))
+        recipe = build_recipe(args, data)
+        train_split, _ = data.split(args.train_split, purpose="training", fallbacks=("train",))
+        test_split, _ = data.split(args.test_split, purpose="evaluation", fallbacks=("test", "validation"))
+        fsdata.check_labelled(data, test_split)
+        output_dir = args.output_dir
+        if output_dir is None:
+            output_dir = default_output_dir(accelerator, args, data.name)
+            output.check_output_dir(output_dir, resume=False, overwrite=False)
+
+        if args.protocol == "base-to-novel":
+            train_classes, _ = fsdata.base_novel_classes(data.num_classes)
+        else:
+            train_classes = list(range(data.num_classes))
+        train_labels = data.labels(train_split)
+        shot_rows = fsdata.sample_few_shot(train_labels, args.shots, args.seed, classes=train_classes)
+        class_position = {c: i for i, c in enumerate(train_classes)}
+        shot_targets = [class_position[int(train_labels[r])] for r in shot_rows]
+        train_names = [data.class_names[c] for c in train_classes]
+        num_steps = recipe.num_steps(args.shots, len(shot_rows))
+
+        eval_sets = []
+        for source in args.eval_datasets:
+            with accelerator.main_process_first():
+                other = fsdata.load_image_classification(source, data_root=args.data_root)
+            split, _ = other.split(None, purpose="evaluation", fallbacks=("test", "validation"))
+            fsdata.check_labelled(other, split)
+            eval_sets.append((other, split, other.template or templates.template_for(other.name)))
+        check_every_image(accelerator, [
+            (data.splits[train_split], shot_rows, f"the {len(shot_rows)} training images (split {train_split!r} of {data.source})"),
+            (data.splits[test_split], range(len(data.splits[test_split])), f"split {test_split!r} of {data.source}"),
+            *((other.splits[split], range(len(other.splits[split])), f"split {split!r} of {other.source}") for other, split, _ in eval_sets),
+        ])
+
+        run = RunRecord(
+            model=model_name, pretrained=args.pretrained, dataset=dataset_source, dataset_config=args.dataset_config,
+            image_column=args.image_column, label_column=args.label_column, class_names=list(data.class_names),
+            train_split=train_split, protocol=args.protocol, shots=args.shots, seed=args.seed, template=template,
+            num_steps=num_steps, train_images=len(shot_rows), recipe=recipe.to_dict(), mixed_precision=accelerator.mixed_precision,
         )
-    template = args.template or data.template or templates.template_for(data.name)
-    templates.check_template(template)
-    recipe = build_recipe(args, data)
-    micro_batch = recipe.micro_batch_size(accelerator.num_processes)
-    train_split, _ = data.split(args.train_split, purpose="training", fallbacks=("train",))
-    test_split, _ = data.split(args.test_split, purpose="evaluation", fallbacks=("test", "validation"))
-    fsdata.check_labelled(data, test_split)
-    output_dir = resolve_output_dir(accelerator, args, data.name)
-
-    if args.protocol == "base-to-novel":
-        train_classes, _ = fsdata.base_novel_classes(data.num_classes)
-    else:
-        train_classes = list(range(data.num_classes))
-    train_labels = data.labels(train_split)
-    shot_rows = fsdata.sample_few_shot(train_labels, args.shots, args.seed, classes=train_classes)
-    class_position = {c: i for i, c in enumerate(train_classes)}
-    shot_targets = [class_position[int(train_labels[r])] for r in shot_rows]
-    train_names = [data.class_names[c] for c in train_classes]
-    fsdata.check_images(data.splits[train_split], shot_rows, progress=accelerator.is_local_main_process)
-    num_steps = recipe.num_steps(args.shots, len(shot_rows))
-
-    eval_sets = []
-    for source in args.eval_datasets:
-        with accelerator.main_process_first():
-            other = fsdata.load_image_classification(source, data_root=args.data_root)
-        split, _ = other.split(None, purpose="evaluation", fallbacks=("test", "validation"))
-        fsdata.check_labelled(other, split)
-        eval_sets.append((other, split, other.template or templates.template_for(other.name)))
-
-    checkpoint_root = os.path.join(output_dir, "checkpoints")
-    resume_path = None
-    if args.resume_from_checkpoint:
-        resume_path = (
-            training.latest_checkpoint(checkpoint_root) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
-        )
-        if resume_path is None or not os.path.isdir(resume_path):
-            raise SystemExit(f"error: no checkpoint to resume from at {resume_path or checkpoint_root}")
-    run = {
-        "model": model_name, **({"pretrained": args.pretrained} if args.pretrained else {}),
-        "dataset": dataset_source, "protocol": args.protocol, "shots": args.shots,
-        "seed": args.seed, "template": template, "num_steps": num_steps, "train_images": len(shot_rows),
-        "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.to_dict().items()},
-    }
-    start_step = training.read_checkpoint(resume_path, run) if resume_path else 0
+        checkpoint_root = os.path.join(output_dir, output.CHECKPOINTS)
+        resume_path = None
+        if args.resume_from_checkpoint:
+            resume_path = (
+                training.latest_checkpoint(checkpoint_root) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
+            )
+            if resume_path is None or not os.path.isdir(resume_path):
+                raise ValueError(f"no checkpoint to resume from at {resume_path or checkpoint_root}")
+        start_step = training.read_checkpoint(resume_path, run) if resume_path else 0
 
     # Model: CLIP with singular-value fine-tuning on both encoders (transformers or OpenCLIP).
     encoder = models.load_dual_encoder(model_name, pretrained=args.pretrained)
@@ -284,7 +302,7 @@ def main(argv=None):
 
     num_workers = args.num_workers
     if num_workers is None:
-        num_workers = 0 if accelerator.device.type == "cpu" else min(8, (os.cpu_count() or 1) // accelerator.num_processes)
+        num_workers = params.default_num_workers(accelerator.device.type, accelerator.num_processes, os.cpu_count())
     train_set = fsdata.FewShotTrainSet(
         data.splits[train_split], shot_rows, shot_targets,
         fsdata.TrainTransform(image_processor, scale=recipe.crop_scale, flip=recipe.flip), seed=args.seed,
@@ -313,43 +331,58 @@ def main(argv=None):
     )
     accelerator.print(f"trained {stats.steps_this_run} steps in {stats.wall_time_s:.1f} s, final loss {stats.final_loss:.4f}")
 
-    # The adapter is saved before evaluation, so that a failure there does not lose the training.
+    # The final files go to a staging folder inside the output folder and are moved into place
+    # together once complete. The adapter is staged before evaluation, so that a failure there
+    # keeps the training.
     peft_model = accelerator.unwrap_model(classifier).model
     accelerator.wait_for_everyone()
+    staging = None
     if accelerator.is_main_process:
-        os.makedirs(output_dir, exist_ok=True)
-        # The SVD tuner adapts linear layers only; this also skips PEFT's Hub lookup of the base model's
-        # config.json (OpenCLIP models have none).
-        peft_model.save_pretrained(output_dir, save_embedding_layers=False)
+        staging = output.start_staging(output_dir)
+        try:
+            # The SVD tuner adapts linear layers only; this also skips PEFT's Hub lookup of the base model's
+            # config.json (OpenCLIP models have none).
+            peft_model.save_pretrained(staging, save_embedding_layers=False)
+        except BaseException:
+            output.discard_staging(staging)
+            raise
 
     # Evaluation: the protocol's classes on the test split, then the other datasets.
     eval_options = dict(zero_shot=not args.skip_zero_shot, batch_size=args.eval_batch_size, num_workers=num_workers)
     protocol_classes = "base-to-novel" if args.protocol == "base-to-novel" else "all"
-    results = {
-        data.name: evaluation.evaluate_protocol(
-            accelerator, peft_model, tokenizer, image_processor, data, test_split, template, classes=protocol_classes, **eval_options
-        )
-    }
-    for other, split, other_template in eval_sets:
-        results[other.name if other.name not in results else other.source] = evaluation.evaluate_protocol(
-            accelerator, peft_model, tokenizer, image_processor, other, split, other_template, **eval_options
-        )
+    try:
+        results = {
+            data.name: evaluation.evaluate_protocol(
+                accelerator, peft_model, tokenizer, image_processor, data, test_split, template, classes=protocol_classes, **eval_options
+            )
+        }
+        for other, split, other_template in eval_sets:
+            results[other.name if other.name not in results else other.source] = evaluation.evaluate_protocol(
+                accelerator, peft_model, tokenizer, image_processor, other, split, other_template, **eval_options
+            )
+    except BaseException:
+        if staging is not None:
+            logger.error("evaluation failed; the trained adapter is kept in %s (evaluate it with "
+                         "examples/evaluate_adapter.py --adapter %s); %s holds nothing of this run", staging, staging, output_dir)
+        raise
 
     if accelerator.is_main_process:
-        summary = {
-            **run,
-            "dataset_name": data.name, "num_classes": data.num_classes, "classes_trained": len(train_names),
-            "model_library": encoder.library, "test_split": test_split,
-            "trainable_parameters": trainable, "total_parameters": total,
-            "training": {
-                "steps": stats.steps, "resumed_from_step": start_step, "final_loss": stats.final_loss,
-                "mean_loss": stats.mean_loss, "wall_time_s": stats.wall_time_s,
-                "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-            },
-            "results": results,
-            "command": "accelerate launch examples/fewshot.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        }
-        modelcard.write_model_card(output_dir, summary)
+        summary = RunSummary(
+            run=run, dataset_name=data.name, num_classes=data.num_classes, classes_trained=len(train_names),
+            model_library=encoder.library, test_split=test_split, trainable_parameters=trainable, total_parameters=total,
+            training=TrainingRecord(
+                steps=stats.steps, resumed_from_step=start_step, final_loss=stats.final_loss, mean_loss=stats.mean_loss,
+                wall_time_s=stats.wall_time_s, num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
+            ),
+            results=results,
+            command="accelerate launch examples/fewshot.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        )
+        try:
+            modelcard.write_model_card(staging, summary.to_dict())
+            output.promote(staging, output_dir)
+        except BaseException:
+            output.discard_staging(staging)
+            raise
         print(modelcard.results_table(results))
         print(f"adapter, results.json and README.md written to {output_dir}")
         if args.push_to_hub:

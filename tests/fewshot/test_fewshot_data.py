@@ -15,11 +15,13 @@ from peft_svd.fewshot.data import (
     base_novel_classes,
     check_images,
     check_labelled,
+    find_unreadable_images,
     load_image_classification,
     parse_class_names,
     read_image,
     rows_of_classes,
     sample_few_shot,
+    to_rgb,
 )
 
 
@@ -186,3 +188,65 @@ def test_random_resized_crop_boxes_stay_inside_and_follow_the_scale():
         assert 0.2 < area < 0.56  # rounding of the sides moves the area a little
     full = TrainTransform(_Processor(), scale=(1.0, 1.0), ratio=(1.0, 1.0))
     assert full._box(30, 30, rng) == (0, 0, 30, 30)
+
+
+def test_every_unreadable_image_is_listed_by_name(tmp_path):
+    root = write_imagefolder(str(tmp_path / "broken"), train_per_class=3, test_per_class=1, classes=("red", "blue"))
+    for name in ("red/0.png", "blue/2.png"):
+        with open(os.path.join(root, "train", name), "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\ntruncated")
+    split = load_image_classification(root).splits["train"]
+    assert len(find_unreadable_images(split, range(len(split)))) == 2
+    with pytest.raises(UnreadableImageError, match=r"2 image\(s\) of split 'train' cannot be read:\n.*blue/2\.png.*\n.*red/0\.png") as exc:
+        check_images(split, range(len(split)), where="split 'train'")
+    assert "red" in str(exc.value) and "blue" in str(exc.value)
+
+
+# Every mode PIL can create, with what RGB it must become; 16-bit and float images by their range.
+_MODE_CASES = {
+    "1": (1, (255, 255, 255)), "L": (200, (200, 200, 200)), "P": (3, None), "RGB": ((10, 20, 30), (10, 20, 30)),
+    "RGBA": ((10, 20, 30, 0), (10, 20, 30)), "RGBX": ((10, 20, 30, 0), (10, 20, 30)), "RGBa": ((10, 20, 30, 255), (10, 20, 30)),
+    "CMYK": ((0, 0, 0, 0), (255, 255, 255)), "YCbCr": ((128, 128, 128), None), "LAB": ((50, 128, 128), None),
+    "HSV": ((0, 0, 255), None), "LA": ((90, 255), (90, 90, 90)), "La": ((90, 255), (90, 90, 90)), "PA": ((3, 255), None),
+    "I": (None, None), "F": (None, None), "I;16": (None, None), "I;16B": (None, None), "I;16L": (None, None), "I;16N": (None, None),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(_MODE_CASES))
+def test_every_pil_mode_becomes_8_bit_rgb(mode):
+    fill, expected = _MODE_CASES[mode]
+    if fill is None:  # a high-depth gradient: 0 .. 4000 (a 12-bit scan in a 16-bit file)
+        image = Image.new(mode, (4, 4))
+        for i in range(16):
+            image.putpixel((i % 4, i // 4), float(i * 4000 / 15) if mode == "F" else int(i * 4000 / 15))
+    else:
+        image = Image.new(mode, (4, 4), fill)
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == (4, 4)
+    pixels = np.asarray(rgb)
+    if expected is not None:
+        assert tuple(pixels[0, 0]) == expected
+    if fill is None:  # scaled by the real range, not clipped at 255
+        gray = pixels[..., 0].reshape(-1)
+        assert gray[0] == 0 and gray[-1] == 255 and (np.diff(gray.astype(int)) > 0).all()
+
+
+def test_16_bit_png_is_read_with_its_range(tmp_path):
+    values = (np.arange(64).reshape(8, 8) * 64).astype(np.uint16)  # 0 .. 4032
+    root = tmp_path / "scans"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            Image.fromarray(values).save(root / split / cls / "0.png")
+    data = load_image_classification(str(root))
+    image = read_image(data.splits["train"], 0)
+    gray = np.asarray(image)[..., 0]
+    assert gray.min() == 0 and gray.max() == 255
+    assert (gray == 255).mean() < 0.05  # PIL's own conversion makes ~98% of these pixels 255
+    assert abs(int(gray[4, 0]) - round(values[4, 0] / 4032 * 255)) <= 1
+
+
+def test_a_folder_with_one_class_says_so(tmp_path):
+    root = write_imagefolder(str(tmp_path / "one"), train_per_class=2, test_per_class=1, classes=("red",))
+    with pytest.raises(ValueError, match=r"single class folder \('red'\).*at least two classes"):
+        load_image_classification(root)

@@ -1,5 +1,5 @@
 """The few-shot workflow on OpenCLIP models (`peft_svd.fewshot.models`, examples/fewshot.py and
-examples/evaluate.py with `--model hf-hub:...` or a local OpenCLIP checkpoint).
+examples/evaluate_adapter.py with `--model hf-hub:...` or a local OpenCLIP checkpoint).
 
 Two tiny OpenCLIP checkpoints are built from configs, without weights or network, in open_clip's
 Hub layout (`open_clip_config.json` + `open_clip_model.safetensors`) and loaded with open_clip's
@@ -193,10 +193,10 @@ def _load_script(name):
 
 
 def _run_scripts(fewshot_args, evaluate_args):
-    """Runs examples/fewshot.py then examples/evaluate.py in this process."""
+    """Runs examples/fewshot.py then examples/evaluate_adapter.py in this process."""
     from accelerate.state import AcceleratorState, GradientState
 
-    for name, args in (("fewshot", fewshot_args), ("evaluate", evaluate_args)):
+    for name, args in (("fewshot", fewshot_args), ("evaluate_adapter", evaluate_args)):
         try:
             _load_script(name).main(args)
         finally:  # each run creates its own Accelerator; accelerate keeps process-wide state
@@ -206,8 +206,8 @@ def _run_scripts(fewshot_args, evaluate_args):
 
 def _train_then_evaluate(tmp_path, model, *, shots, test_per_class, train_flags=(), evaluate_flags=()):
     """Runs examples/fewshot.py (3 classes, `shots` shots, 2 steps of 3 images) on a dataset folder
-    named BUSI, then examples/evaluate.py on the adapter it saved. Returns (output folder,
-    results.json, the results evaluate.py wrote)."""
+    named BUSI, then examples/evaluate_adapter.py on the adapter it saved. Returns (output folder,
+    results.json, the results evaluate_adapter.py wrote)."""
     # BUSI is a biomedical dataset name: the biomedical recipe (lr 2e-3, weight decay 0) is picked
     data = write_imagefolder(str(tmp_path / "BUSI"), train_per_class=shots, test_per_class=test_per_class,
                              classes=tuple(COLORS)[:3])
@@ -232,7 +232,7 @@ def _train_then_evaluate(tmp_path, model, *, shots, test_per_class, train_flags=
 def test_fewshot_script_on_a_local_openclip_checkpoint_and_evaluate_reloads_it(hub, openai_style_dir, tmp_path):
     out, results, evaluated = _train_then_evaluate(tmp_path, openai_style_dir, shots=2, test_per_class=2)
     assert "accuracy" in results["results"]["BUSI"]["zero_shot"]
-    assert evaluated == results["results"]  # evaluate.py reloaded the base from the adapter's record
+    assert evaluated == results["results"]  # evaluate_adapter.py reloaded the base from the adapter's record
     assert all(name.startswith("local-dir:") for name in hub)  # the folder, through open_clip's local-dir: schema
 
 
@@ -240,7 +240,7 @@ def test_fewshot_script_on_a_hub_biomedclip_and_evaluate_reloads_it(hub, tmp_pat
     out, results, evaluated = _train_then_evaluate(tmp_path, HUB_NAME, shots=1, test_per_class=1, train_flags=["--skip-zero-shot"],
                                                     evaluate_flags=["--skip-zero-shot"])
     assert evaluated == results["results"]
-    assert hub == [HUB_NAME] * 4  # model and tokenizer, by fewshot.py then by evaluate.py
+    assert hub == [HUB_NAME] * 4  # model and tokenizer, by fewshot.py then by evaluate_adapter.py
     assert "base_model: someone/tiny-biomedclip" in open(os.path.join(out, "README.md")).read()
 
 
@@ -249,6 +249,6 @@ def test_fewshot_script_on_an_architecture_with_pretrained_weights(architecture,
     out, results, evaluated = _train_then_evaluate(tmp_path, name, shots=1, test_per_class=1, train_flags=["--pretrained", weights])
     assert results["pretrained"] == weights
     assert json.load(open(os.path.join(out, "adapter_config.json")))["revision"] == weights
-    assert evaluated == results["results"]  # evaluate.py took the weights from the adapter's revision
+    assert evaluated == results["results"]  # evaluate_adapter.py took the weights from the adapter's revision
     card = open(os.path.join(out, "README.md")).read()
     assert f'create_model_from_pretrained("{name}", pretrained="{weights}")' in card and "base_model:" not in card

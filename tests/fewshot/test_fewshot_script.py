@@ -1,4 +1,4 @@
-"""End-to-end checks of examples/fewshot.py and examples/evaluate.py on a tiny CLIP and a tiny
+"""End-to-end checks of examples/fewshot.py and examples/evaluate_adapter.py on a tiny CLIP and a tiny
 imagefolder: one process against two (accelerate launch), a run killed mid-way and resumed
 against an uninterrupted one, the outputs, publishing, and the errors on bad input.
 
@@ -9,6 +9,7 @@ only; we require max |difference| <= 1e-6 while the changes themselves reach ~1e
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,7 @@ from tiny_fewshot import write_imagefolder, write_tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "examples", "fewshot.py")
-EVALUATE = os.path.join(ROOT, "examples", "evaluate.py")
+EVALUATE = os.path.join(ROOT, "examples", "evaluate_adapter.py")
 TOLERANCE = 1e-6
 
 
@@ -183,13 +184,13 @@ def test_gradient_accumulation_gives_the_adapter_of_one_batch(fewshot, reference
 def test_resume_with_other_settings_is_refused(fewshot, reference, tiny_clip_dir, colors_dir):
     args = _run_args(tiny_clip_dir, colors_dir, reference)
     args[args.index("--seed") + 1] = "4"
-    with pytest.raises(ValueError, match="seed: checkpoint 3, now 4"):
+    with pytest.raises(SystemExit, match="seed: checkpoint 3, now 4"):
         fewshot.main(args + ["--resume-from-checkpoint", "latest"])
 
 
 def test_existing_output_directory_is_not_overwritten(fewshot, reference, tiny_clip_dir, colors_dir):
     before = {f: os.path.getmtime(os.path.join(reference, f)) for f in os.listdir(reference)}
-    with pytest.raises(SystemExit, match="exists and is not empty.*--overwrite-output-dir"):
+    with pytest.raises(SystemExit, match="holds a finished run.*--overwrite-output-dir"):
         fewshot.main(_run_args(tiny_clip_dir, colors_dir, reference))
     assert before == {f: os.path.getmtime(os.path.join(reference, f)) for f in os.listdir(reference)}
 
@@ -301,6 +302,8 @@ def test_unlabelled_dataset_is_refused_before_the_model_loads(fewshot, tiny_clip
     import datasets
     from PIL import Image
 
+    from peft_svd.fewshot import models
+
     path = str(tmp_path / "unlabelled")
     ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 2}, features=datasets.Features({"image": datasets.Image()}))
     datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(path)
@@ -308,8 +311,8 @@ def test_unlabelled_dataset_is_refused_before_the_model_loads(fewshot, tiny_clip
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the dataset was checked")
 
-    monkeypatch.setattr(fewshot.models, "load_dual_encoder", must_not_load)
-    with pytest.raises(ValueError, match="no label column"):
+    monkeypatch.setattr(models, "load_dual_encoder", must_not_load)
+    with pytest.raises(SystemExit, match="no label column"):
         fewshot.main(["--model", tiny_clip_dir, "--dataset", path, "--output-dir", str(tmp_path / "out")])
 
 
@@ -330,3 +333,120 @@ def test_delta_tolerance_is_meaningful(reference):
     # much more than the tolerance.
     deltas = _deltas(reference)
     assert _max_difference(deltas, {k: torch.zeros_like(v) for k, v in deltas.items()}) > 100 * TOLERANCE
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the inputs were checked")
+
+
+def test_unreadable_test_and_eval_images_are_found_before_the_model_loads(fewshot, tiny_clip_dir, tmp_path, monkeypatch):
+    from peft_svd.fewshot import models
+
+    data = write_imagefolder(str(tmp_path / "data"), train_per_class=2, test_per_class=2, classes=("red", "blue"))
+    other = write_imagefolder(str(tmp_path / "other"), train_per_class=1, test_per_class=2, classes=("red", "white"))
+    for path in (os.path.join(data, "test", "red", "1.png"), os.path.join(other, "test", "white", "0.png")):
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\ntruncated")
+    monkeypatch.setattr(models, "load_dual_encoder", _must_not_load)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        fewshot.main(["--model", tiny_clip_dir, "--dataset", data, "--shots", "1", "--output-dir", str(out),
+                      "--eval-datasets", other])
+    message = str(exc.value.code)
+    assert "split 'test' of" in message and "red/1.png" in message and "white/0.png" in message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--gradient-accumulation-steps", "0"], "argument --gradient-accumulation-steps: must be a positive integer, got 0"),
+        (["--eval-batch-size", "0"], "argument --eval-batch-size: must be a positive integer, got 0"),
+        (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+        (["--weight-decay", "-5"], "argument --weight-decay: must be a finite number >= 0, got -5"),
+        (["--crop-scale", "0", "1"], r"argument --crop-scale: must be a number in \(0, 1\], got 0"),
+        (["--crop-scale", "0.9", "0.5"], "--crop-scale MIN MAX needs MIN <= MAX"),
+        (["--lr", "1e-4", "--min-lr", "1e-3"], "--min-lr 0.001 is above --lr 0.0001"),
+        (["--seed", "-1"], "argument --seed: must be a non-negative integer"),
+        (["--num-workers", "x"], "argument --num-workers: must be a non-negative integer, got 'x'"),
+        (["--shots", "0"], "argument --shots: must be a positive integer"),
+    ],
+)
+def test_bad_flags_are_refused_by_name(fewshot, capsys, flags, message):
+    with pytest.raises(SystemExit) as exc:
+        fewshot.parse_args(flags)
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_batch_that_does_not_split_is_refused_before_the_data_loads(fewshot, monkeypatch):
+    from peft_svd.fewshot import data
+
+    monkeypatch.setattr(data, "load_image_classification", _must_not_load)
+    with pytest.raises(SystemExit, match="--batch-size 8 must be a multiple of gradient_accumulation_steps x processes = 3 x 1"):
+        fewshot.main(["--batch-size", "8", "--gradient-accumulation-steps", "3"])
+
+
+def test_results_name_the_classes_and_read_back_as_a_summary(reference, colors_dir):
+    from peft_svd.fewshot.record import RunSummary
+
+    results = json.load(open(os.path.join(reference, "results.json")))
+    assert results["class_names"] == ["blue", "dark yellow", "green", "red", "white"]
+    assert results["train_split"] == "train" and results["mixed_precision"] == "no"
+    summary = RunSummary.load(reference)
+    assert summary.run.class_names == results["class_names"] and summary.training.steps == 12
+    assert summary.to_dict() == results
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [(["--mixed-precision", "bf16"], "mixed_precision"), (["--class-names", "a,b,c,d,e"], "class_names"),
+     (["--crop-scale", "0.5", "1"], "recipe")],
+)
+def test_resume_with_another_result_changing_setting_is_refused(fewshot, reference, tiny_clip_dir, colors_dir, flags, field):
+    with pytest.raises(SystemExit, match=f"other settings \\({field}: checkpoint"):
+        fewshot.main(_run_args(tiny_clip_dir, colors_dir, reference) + ["--resume-from-checkpoint", "latest", *flags])
+
+
+def test_refused_output_folder_is_found_before_the_data_loads(fewshot, reference, monkeypatch):
+    from peft_svd.fewshot import data
+
+    monkeypatch.setattr(data, "load_image_classification", _must_not_load)
+    with pytest.raises(SystemExit, match="holds a finished run") as exc:
+        fewshot.main(["--output-dir", reference])
+    assert "--resume-from-checkpoint" not in str(exc.value.code)
+
+
+def test_failed_final_write_leaves_the_previous_run_untouched(fewshot, reference, tiny_clip_dir, colors_dir, tmp_path, monkeypatch):
+    """--overwrite-output-dir, then the disk fills while results.json is written: the folder still
+    holds the previous run, byte for byte, and nothing of the new one."""
+    import errno
+    import shutil
+
+    from peft_svd.fewshot import modelcard
+
+    out = str(tmp_path / "previous")
+    shutil.copytree(reference, out)
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out) if os.path.isfile(os.path.join(out, n))}
+
+    def disk_full(folder, summary):
+        open(os.path.join(folder, "results.json"), "w").close()  # the 0-byte file a full disk leaves
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(modelcard, "write_model_card", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        fewshot.main(["--model", tiny_clip_dir, "--dataset", colors_dir, "--shots", "1", "--max-steps", "1", "--batch-size", "5",
+                      "--skip-zero-shot", "--output-dir", out, "--overwrite-output-dir"])
+    after = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out) if os.path.isfile(os.path.join(out, n))}
+    assert after == before
+    assert sorted(os.listdir(out)) == sorted(os.listdir(reference))  # no staging folder left behind
+
+
+def test_refused_output_folder_ends_accelerate_launch_with_the_message_only(reference, tiny_clip_dir, colors_dir):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT]
+    proc = subprocess.run(launch + _run_args(tiny_clip_dir, colors_dir, reference), env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert f"error: output directory {reference} holds a finished run" in proc.stderr
+    assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr, proc.stderr[-3000:]

@@ -8,6 +8,7 @@ import torch
 from peft import get_peft_model
 
 import peft_svd
+from peft_svd.fewshot.record import RunRecord
 from peft_svd.fewshot.templates import build_prompts
 from peft_svd.fewshot.training import (
     FewShotRecipe,
@@ -76,20 +77,51 @@ def test_model_without_trainable_parameters_is_refused(tiny_parts):
         build_optimizer(model, FewShotRecipe())
 
 
+def _record(**changes) -> RunRecord:
+    values = dict(
+        model="m", dataset="d", class_names=["cat", "dog"], train_split="train", protocol="few-shot", shots=4, seed=1,
+        template="a photo of a {}.", num_steps=10, train_images=8, recipe=FewShotRecipe().to_dict(), mixed_precision="no",
+    )
+    return RunRecord(**{**values, **changes})
+
+
 def test_checkpoint_lookup_and_settings_check(tmp_path):
     root = tmp_path / "checkpoints"
     assert latest_checkpoint(str(root)) is None
     for step in (2, 10, 4):
         (root / f"step_{step}").mkdir(parents=True)
-        (root / f"step_{step}" / "fewshot_run.json").write_text(json.dumps({"step": step, "run": {"seed": 1, "shots": 4}}))
+        (root / f"step_{step}" / "fewshot_run.json").write_text(json.dumps({"step": step, "run": _record().to_dict()}))
     (root / ".step_12.partial").mkdir()  # an interrupted save is never picked
     latest = latest_checkpoint(str(root))
     assert latest == str(root / "step_10")
-    assert read_checkpoint(latest, {"seed": 1, "shots": 4}) == 10
+    assert read_checkpoint(latest, _record()) == 10
     with pytest.raises(ValueError, match="seed: checkpoint 1, now 2"):
-        read_checkpoint(latest, {"seed": 2, "shots": 4})
+        read_checkpoint(latest, _record(seed=2))
     with pytest.raises(ValueError, match="not a checkpoint"):
-        read_checkpoint(str(tmp_path), {})
+        read_checkpoint(str(tmp_path), _record())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(class_names=["cat", "hound"]), dict(train_split="validation"), dict(mixed_precision="bf16"),
+     dict(recipe={**FewShotRecipe().to_dict(), "crop_scale": (0.5, 1.0)}), dict(label_column="fine_label")],
+)
+def test_every_setting_of_the_record_is_checked_on_resume(tmp_path, change):
+    path = tmp_path / "step_4"
+    path.mkdir()
+    (path / "fewshot_run.json").write_text(json.dumps({"step": 4, "run": _record().to_dict()}))
+    field = next(iter(change))
+    with pytest.raises(ValueError, match=f"{field}: checkpoint"):
+        read_checkpoint(str(path), _record(**change))
+
+
+def test_record_of_an_older_version_is_refused_by_name(tmp_path):
+    path = tmp_path / "step_4"
+    path.mkdir()
+    old = {k: v for k, v in _record().to_dict().items() if k != "mixed_precision"}
+    (path / "fewshot_run.json").write_text(json.dumps({"step": 4, "run": old}))
+    with pytest.raises(ValueError, match="mixed_precision: checkpoint None, now 'no'"):
+        read_checkpoint(str(path), _record())
 
 
 def _sharding_worker(rank, world, port, model_dir, results):

@@ -1,42 +1,52 @@
 """Few-shot adaptation of CLIP with singular-value fine-tuning: models (transformers or OpenCLIP),
 data, prompts, training, evaluation and the model card. `examples/fewshot.py` and
-`examples/evaluate.py` wire these parts."""
+`examples/evaluate_adapter.py` wire these parts; `params` holds the flags they share.
 
-from .data import (
-    ImageClassificationData,
-    UnreadableImageError,
-    base_novel_classes,
-    load_image_classification,
-    sample_few_shot,
-)
-from .evaluation import evaluate_accuracy, evaluate_protocol, harmonic_mean, load_accuracy_metric
-from .modelcard import model_card, write_model_card
-from .models import DualEncoder, load_dual_encoder
-from .templates import DEFAULT_TEMPLATE, TEMPLATES, check_template, template_for
-from .training import FewShotRecipe, PromptClassifier, train
-from .zeroshot import tokenize_prompts, zero_shot_head
+The names below are imported on first use, so that `peft_svd.fewshot.params` (the scripts'
+flags) loads without torch and `--help` answers at once.
+"""
 
-__all__ = [
-    "DEFAULT_TEMPLATE",
-    "DualEncoder",
-    "TEMPLATES",
-    "FewShotRecipe",
-    "ImageClassificationData",
-    "PromptClassifier",
-    "UnreadableImageError",
-    "base_novel_classes",
-    "check_template",
-    "evaluate_accuracy",
-    "evaluate_protocol",
-    "harmonic_mean",
-    "load_accuracy_metric",
-    "load_dual_encoder",
-    "load_image_classification",
-    "model_card",
-    "sample_few_shot",
-    "template_for",
-    "tokenize_prompts",
-    "train",
-    "write_model_card",
-    "zero_shot_head",
-]
+import importlib
+
+_EXPORTS = {
+    "ImageClassificationData": "data",
+    "UnreadableImageError": "data",
+    "base_novel_classes": "data",
+    "load_image_classification": "data",
+    "sample_few_shot": "data",
+    "evaluate_accuracy": "evaluation",
+    "evaluate_protocol": "evaluation",
+    "harmonic_mean": "evaluation",
+    "load_accuracy_metric": "evaluation",
+    "model_card": "modelcard",
+    "write_model_card": "modelcard",
+    "DualEncoder": "models",
+    "load_dual_encoder": "models",
+    "RunRecord": "record",
+    "RunSummary": "record",
+    "TrainingRecord": "record",
+    "DEFAULT_TEMPLATE": "templates",
+    "TEMPLATES": "templates",
+    "check_template": "templates",
+    "template_for": "templates",
+    "FewShotRecipe": "training",
+    "PromptClassifier": "training",
+    "train": "training",
+    "tokenize_prompts": "zeroshot",
+    "zero_shot_head": "zeroshot",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

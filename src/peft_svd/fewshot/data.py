@@ -197,6 +197,12 @@ def load_image_classification(
         raise ValueError(f"dataset {source!r} has no image column (columns: {list(features)}); pass --image-column NAME")
     label_col = _find_column(features, label_column, datasets.ClassLabel, _LABEL_COLUMN_NAMES, "--label-column")
     if label_col is None or label_col == image_col:
+        single = _single_class_folder(source)
+        if single is not None:
+            raise ValueError(
+                f"dataset folder {source!r} has a single class folder ({single!r}); few-shot classification needs at "
+                "least two classes, each in its own sub-folder: <folder>/<split>/<class>/<image>"
+            )
         raise ValueError(
             f"dataset {source!r} has no label column (columns: {list(features)}); few-shot adaptation needs a "
             "labelled dataset. Pass --label-column NAME, or for a local folder put each class in its own "
@@ -246,11 +252,29 @@ def load_image_classification(
                 f"split {split_name!r} of {source!r} has label {int(labels.max())} but only {len(names)} class names; "
                 "give one name per class id"
             )
+    if len(names) < 2:
+        raise ValueError(f"dataset {source!r} has a single class ({names[0]!r}); classification needs at least two classes")
     # Every built-in dataset is glyphs (rendered or scanned characters): see `AUGMENTATIONS`.
     augmentation = "glyph" if source.startswith(BUILTIN_PREFIX) else None
     return ImageClassificationData(
         source=source, name=name, splits=splits, class_names=names, template=template, augmentation=augmentation
     )
+
+
+def _single_class_folder(source: str) -> str | None:
+    """Returns the class folder's name if `source` is an imagefolder whose splits all hold the same
+    single class folder (imagefolder then infers no label column), else None."""
+    if not os.path.isdir(source):
+        return None
+    entries = [e for e in os.scandir(source) if e.is_dir() and not e.name.startswith(".")]
+    classes = set()
+    for split in entries:
+        sub = [e.name for e in os.scandir(split.path) if e.is_dir() and not e.name.startswith(".")]
+        if not sub:  # images directly under <folder>/<class>/: the folder itself holds the classes
+            single = len(entries) == 1 and entries[0].name not in ("train", "test", "validation", "valid", "val")
+            return entries[0].name if single else None
+        classes.update(sub)
+    return next(iter(classes)) if len(classes) == 1 else None
 
 
 def check_labelled(data: ImageClassificationData, split: str) -> None:
@@ -333,8 +357,39 @@ def rows_of_classes(labels: Sequence[int], classes: Sequence[int]) -> tuple[list
     return rows, targets
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Returns `image` as an 8-bit RGB image, whatever its PIL mode.
+
+    Images of more than 8 bits per pixel (modes `I;16`, `I;16B`, `I;16L`, `I;16N`, `I`, `F`:
+    16-bit medical scans, 32-bit or float TIFFs) are scaled by their real range, the interval
+    [min(0, darkest), brightest] of the image mapped onto [0, 255], instead of being clipped at
+    255 as PIL's own conversion does (which turns a 12-bit scan almost white). Palette images with
+    transparency and premultiplied-alpha modes go through their straight-alpha form first.
+    """
+    mode = image.mode
+    if mode in ("I", "F") or mode.startswith("I;"):
+        values = np.asarray(image, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        low = min(0.0, float(finite.min())) if finite.size else 0.0
+        high = float(finite.max()) if finite.size else 0.0
+        if high > low:
+            scaled = (np.nan_to_num(values, nan=low, posinf=high, neginf=low) - low) * (255.0 / (high - low))
+        else:
+            scaled = np.zeros_like(values)
+        gray = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL warns when a palette's transparency is dropped directly
+    elif mode == "La":
+        image = image.convert("LA")  # PIL has no La -> RGB conversion
+    elif mode == "RGBa":
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
 def read_image(split: datasets.Dataset, row: int) -> Image.Image:
-    """Decodes the image of `row` of a split loaded by `load_image_classification` as RGB.
+    """Decodes the image of `row` of a split loaded by `load_image_classification` as 8-bit RGB
+    (see `to_rgb` for 16-bit and float images).
 
     Raises:
         UnreadableImageError: naming the file (or the row, for images stored as bytes).
@@ -352,22 +407,46 @@ def read_image(split: datasets.Dataset, row: int) -> Image.Image:
         else:
             raise ValueError("the row holds no image data")
         image.load()  # decode now, so that a truncated file fails here, with its name
-        return image.convert("RGB")
+        return to_rgb(image)
     except Exception as exc:
         where = f"file {path!r}" if path else "an image stored in the dataset"
         raise UnreadableImageError(f"cannot read {where} (row {row}): {type(exc).__name__}: {exc}") from exc
 
 
-def check_images(split: datasets.Dataset, rows: Sequence[int], *, progress: bool = False) -> None:
+def find_unreadable_images(split: datasets.Dataset, rows: Sequence[int], *, progress: bool = False, desc: str = "checking images") -> list[str]:
+    """Decodes the images of `rows` and returns one line per image that cannot be read (file or
+    row and the decoder's error), in row order; an empty list when all can be read."""
+    from tqdm.auto import tqdm
+
+    bad = []
+    for row in tqdm(rows, desc=desc, disable=not progress, leave=False):
+        try:
+            read_image(split, row)
+        except UnreadableImageError as exc:
+            bad.append(str(exc).removeprefix("cannot read "))
+    return bad
+
+
+def unreadable_images_error(bad: Sequence[str], where: str, *, limit: int = 20) -> UnreadableImageError:
+    """Returns the error that lists the unreadable images `bad` (from `find_unreadable_images`)
+    found in `where` (e.g. "split 'test' of path/to/data"), the first `limit` of them by name."""
+    listed = "\n  ".join(bad[:limit])
+    more = f"\n  ... and {len(bad) - limit} more" if len(bad) > limit else ""
+    return UnreadableImageError(
+        f"{len(bad)} image(s) of {where} cannot be read:\n  {listed}{more}\n"
+        "Replace or remove these files (or drop their rows) and run again."
+    )
+
+
+def check_images(split: datasets.Dataset, rows: Sequence[int], *, progress: bool = False, where: str = "the dataset") -> None:
     """Decodes the images of `rows` once so that a broken file stops the run before training.
 
     Raises:
-        UnreadableImageError: for the first image that cannot be decoded, naming it.
+        UnreadableImageError: listing every image of `rows` that cannot be decoded, by name.
     """
-    from tqdm.auto import tqdm
-
-    for row in tqdm(rows, desc="checking training images", disable=not progress, leave=False):
-        read_image(split, row)
+    bad = find_unreadable_images(split, rows, progress=progress)
+    if bad:
+        raise unreadable_images_error(bad, where)
 
 
 def _processor_geometry(image_processor) -> tuple[tuple[int, int], int]:

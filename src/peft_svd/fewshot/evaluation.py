@@ -24,11 +24,6 @@ def load_accuracy_metric():
     """Returns the shipped accuracy metric (`evaluate.EvaluationModule`), kept in memory."""
     import evaluate
 
-    if not hasattr(evaluate, "load"):
-        raise ImportError(
-            f"`import evaluate` found {getattr(evaluate, '__file__', evaluate)!r}, not the `evaluate` library: a file "
-            "named evaluate.py on the import path shadows it; run from another folder or rename that file"
-        )
     return evaluate.load(METRIC_PATH, keep_in_memory=True)
 
 

@@ -112,7 +112,7 @@ def model_card(summary: dict) -> str:
         "Evaluate it on other datasets (cross-dataset, domain shift):",
         "",
         "```bash",
-        "accelerate launch examples/evaluate.py --adapter <this adapter> --dataset <dataset> ...",
+        "accelerate launch examples/evaluate_adapter.py --adapter <this adapter> --dataset <dataset> ...",
         "```",
         "",
         "## Reproduce",

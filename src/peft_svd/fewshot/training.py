@@ -15,20 +15,24 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .record import RunRecord
 from .zeroshot import check_dual_encoder, encode_images, encode_text, logit_scale
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
-_TRAINABLE_FILE = "trainable_parameters_{}.safetensors"
+_ADAPTER_FILE = "adapter_model_{}.safetensors"
 _RUN_FILE = "fewshot_run.json"
 
 
@@ -98,24 +102,16 @@ class FewShotRecipe:
         return asdict(self)
 
 
-class _GatherWithGradient(torch.autograd.Function):
-    """All-gather along dim 0 whose backward hands each process the gradient of its own rows,
-    summed over the losses of all processes."""
-
-    @staticmethod
-    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
-        ctx.group, ctx.rows = group, local.shape[0]
-        ctx.rank = dist.get_rank(group)
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, local.contiguous(), group=group)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        # Every process's loss depends on every process's rows: sum the gradients, keep ours.
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
+def _gather_with_gradient(local: torch.Tensor, group) -> torch.Tensor:
+    """All-gathers `local` (rows, ...) from every process of `group` along dim 0, with a backward
+    that hands each process the gradient of its own rows summed over the losses of all
+    processes (`torch.distributed.nn.functional.all_gather`, which also works on gloo)."""
+    with warnings.catch_warnings():
+        # torch >= 2.10 deprecates it in favour of a private module (`_functional_collectives`)
+        # whose autograd support depends on the version; the public function is the stable one.
+        warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
+        parts = dist_nn.all_gather(local, group=group)
+    return torch.cat(parts)
 
 
 class PromptClassifier(torch.nn.Module):
@@ -163,7 +159,7 @@ class PromptClassifier(torch.nn.Module):
         ids, mask = self.input_ids[index], self.attention_mask[index]
         used = mask.bool().any(0)  # drop padding columns that no prompt of this share needs
         local = encode_text(self.model, ids[:, used], mask[:, used])
-        return _GatherWithGradient.apply(local, self._group)[:classes]
+        return _gather_with_gradient(local, self._group)[:classes]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Returns logits `logit_scale * cos(image, prompt)`, shape (batch, classes), from
@@ -189,51 +185,56 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: FewShotRecipe, num
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=num_steps, eta_min=recipe.min_lr)
 
 
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Returns `{name: tensor}` of the parameters of `model` that require gradients (detached, on CPU)."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def _peft_model_of(model: torch.nn.Module):
+    """Returns the PeftModel that `model` (a PeftModel, or a module holding one as `.model` such
+    as `PromptClassifier`) trains."""
+    inner = getattr(model, "model", None)
+    for candidate in (model, inner):
+        if candidate is not None and hasattr(candidate, "peft_config"):
+            return candidate
+    raise ValueError(f"{type(model).__name__} holds no PeftModel; wrap the model with get_peft_model first")
 
 
 def checkpoint_trainable_parameters_only(accelerator) -> None:
-    """Makes `accelerator.save_state` / `load_state` store only the trainable parameters of the
-    prepared models (the adapter), not the frozen base model.
+    """Makes `accelerator.save_state` / `load_state` store only the adapter of the prepared
+    models (PEFT's `get_peft_model_state_dict` / `set_peft_model_state_dict`), not the frozen
+    base model.
 
-    Call once, after `accelerator.prepare`.
+    Call once, after `accelerator.prepare`. Every prepared model must be a PeftModel or hold one
+    as `.model` (`PromptClassifier`).
     """
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for i, model in enumerate(models):
-                path = os.path.join(output_dir, _TRAINABLE_FILE.format(i))
-                save_file(trainable_state_dict(accelerator.unwrap_model(model)), path)
+                peft_model = _peft_model_of(accelerator.unwrap_model(model))
+                state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(output_dir, _ADAPTER_FILE.format(i)))
         weights.clear()  # nothing else of the models is written
 
     def load_hook(models, input_dir):
         for i, model in enumerate(models):
-            model = accelerator.unwrap_model(model)
-            path = os.path.join(input_dir, _TRAINABLE_FILE.format(i))
+            peft_model = _peft_model_of(accelerator.unwrap_model(model))
+            path = os.path.join(input_dir, _ADAPTER_FILE.format(i))
             if not os.path.exists(path):
-                raise ValueError(f"checkpoint {input_dir} has no {os.path.basename(path)}; it was not written by this script")
+                raise ValueError(f"checkpoint {input_dir} has no {os.path.basename(path)}; it was not written by this version of the script")
             state = load_file(path)
-            expected = {n for n, p in model.named_parameters() if p.requires_grad}
+            expected = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
             if set(state) != expected:
                 missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
                 raise ValueError(
-                    f"checkpoint {input_dir} holds other trainable parameters than this run "
+                    f"checkpoint {input_dir} holds another adapter than this run's "
                     f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
                     f"{'...' if len(unexpected) > 3 else ''}); resume with the same model and adapter settings"
                 )
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, value in state.items():
-                    params[name].copy_(value.to(params[name].device, params[name].dtype))
+            set_peft_model_state_dict(peft_model, state)
         models.clear()  # loaded here; accelerate must not look for model files
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, checkpoint_root: str, step: int, run: dict) -> str:
+def save_checkpoint(accelerator, checkpoint_root: str, step: int, run: RunRecord | None) -> str:
     """Saves the training state after `step` optimisation steps to `<checkpoint_root>/step_<step>`.
 
     The state is written to a temporary folder and renamed when complete, so a run killed while
@@ -252,7 +253,7 @@ def save_checkpoint(accelerator, checkpoint_root: str, step: int, run: dict) -> 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(partial, _RUN_FILE), "w") as f:
-            json.dump({"step": step, "run": run}, f, indent=2)
+            json.dump({"step": step, "run": run.to_dict() if run is not None else {}}, f, indent=2)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
     accelerator.wait_for_everyone()
@@ -271,7 +272,7 @@ def latest_checkpoint(checkpoint_root: str) -> str | None:
     return os.path.join(checkpoint_root, max(steps)[1]) if steps else None
 
 
-def read_checkpoint(path: str, run: dict) -> int:
+def read_checkpoint(path: str, run: RunRecord) -> int:
     """Checks that the checkpoint at `path` belongs to a run with the same settings as `run`.
 
     Returns:
@@ -285,12 +286,16 @@ def read_checkpoint(path: str, run: dict) -> int:
         raise ValueError(f"{path} is not a checkpoint written by --checkpointing-steps (no {_RUN_FILE})")
     with open(info_path) as f:
         info = json.load(f)
-    saved = info["run"]
-    differ = {k: (saved.get(k), v) for k, v in run.items() if saved.get(k) != v}
+    differ = run.differences(info["run"])
     if differ:
-        listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
+        listed = "; ".join(f"{k}: checkpoint {_short(a)}, now {_short(b)}" for k, (a, b) in differ.items())
         raise ValueError(f"checkpoint {path} was written by a run with other settings ({listed}); resume with the same flags")
     return int(info["step"])
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass
@@ -317,7 +322,7 @@ def train(
     start_step: int = 0,
     checkpointing_steps: int | None = None,
     checkpoint_root: str | None = None,
-    run: dict | None = None,
+    run: RunRecord | None = None,
     progress_bar: bool = True,
 ) -> TrainingStats:
     """Runs the optimisation steps `start_step + 1 .. num_steps`.
@@ -366,7 +371,7 @@ def train(
         if checkpointing_steps and step % checkpointing_steps == 0 and step < num_steps:
             if checkpoint_root is None:
                 raise ValueError("checkpointing_steps needs checkpoint_root")
-            save_checkpoint(accelerator, checkpoint_root, step, run or {})
+            save_checkpoint(accelerator, checkpoint_root, step, run)
         if step >= num_steps:
             break
     progress.close()

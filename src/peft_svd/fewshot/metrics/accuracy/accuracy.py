@@ -5,9 +5,8 @@ Loaded by path so that it works without the Hub:
 """
 
 import datasets
-import numpy as np
-
 import evaluate
+import numpy as np
 
 _DESCRIPTION = """
 Top-1 accuracy and mean per-class accuracy, both in percent (0-100), the units the few-shot CLIP
