@@ -12,7 +12,11 @@ Which kind of model a name is:
 | `hf-hub:<org>/<name>` (e.g. BiomedCLIP) | `open_clip.create_model_from_pretrained` and `open_clip.get_tokenizer` |
 | a folder with `open_clip_config.json`, or `local-dir:<folder>` | the same, from the folder (open_clip's Hub layout: `open_clip_config.json` + `open_clip_model.safetensors` or `open_clip_pytorch_model.bin`, plus the tokenizer files of a Hugging Face text tower) |
 | an OpenCLIP architecture (`ViT-B-16`) with `pretrained` (a tag such as `openai`, or a weights file) | `open_clip.create_model_from_pretrained(name, pretrained)` |
+| `peft-svd/builtin` (`peft_svd.builtin.MODEL_NAME`), or the shipped model's folder | transformers, from the folder of this installation |
 | anything else: a Hub id or a folder with `config.json` | transformers' `AutoModel`, `AutoTokenizer`, `AutoImageProcessor` |
+
+`portable_name(name)` is the name an adapter records for its base model: `peft-svd/builtin` for the
+shipped model (wherever it is installed), a Hub id as it is, else the path given.
 
 OpenCLIP's tokenizers pad every prompt to the model's context (77 tokens, 256 for BiomedCLIP).
 Where that padding cannot change the features, the prompts are cut to the longest one: text
@@ -73,6 +77,17 @@ def _import_open_clip():
     return open_clip
 
 
+def portable_name(name_or_path: str) -> str:
+    """Returns the name to record as an adapter's `base_model_name_or_path` (and in its run record
+    and model card) for the model loaded from `name_or_path`: `peft_svd.builtin.MODEL_NAME` for the
+    model shipped with peft-svd, given by that name or by any path to its folder (an absolute path
+    inside one installation means nothing on another machine or on the Hub); anything else (a Hub
+    id, an `hf-hub:` name, another folder) as given. `load_dual_encoder` accepts the result."""
+    from peft_svd import builtin
+
+    return builtin.MODEL_NAME if builtin.is_model(name_or_path) else name_or_path
+
+
 def is_open_clip_name(name: str, pretrained: str | None = None) -> bool:
     """Returns whether `name` (with `pretrained`) designates an OpenCLIP model (see the module table)."""
     if name.startswith((_HF_HUB_PREFIX, _LOCAL_DIR_PREFIX)) or pretrained is not None:
@@ -85,18 +100,26 @@ def load_dual_encoder(name: str, *, pretrained: str | None = None) -> DualEncode
 
     Args:
         name: `hf-hub:<org>/<name>`, an OpenCLIP checkpoint folder (or `local-dir:<folder>`), an
-            OpenCLIP architecture name (with `pretrained`), or a transformers Hub id or folder.
+            OpenCLIP architecture name (with `pretrained`), a transformers Hub id or folder, or
+            `peft-svd/builtin` for the model shipped with peft-svd.
         pretrained: OpenCLIP pretrained tag or weights file, only with an architecture name.
 
     Returns:
-        A `DualEncoder`; for OpenCLIP models `model.name_or_path` is set to `name`, so that PEFT
-        records it as the adapter's `base_model_name_or_path` as it does for transformers models.
+        A `DualEncoder` whose `name` is `portable_name(name)`; `model.name_or_path` is set to it, so
+        that PEFT records it as the adapter's `base_model_name_or_path` (OpenCLIP models have no
+        such attribute of their own; the shipped model's is its folder).
 
     Raises:
         ImportError: an OpenCLIP model without open_clip installed.
         ValueError: `pretrained` with a name that carries its own weights, or an OpenCLIP
             architecture name without `pretrained`.
     """
+    from peft_svd import builtin
+
+    if builtin.is_model(name):
+        if pretrained is not None:
+            raise ValueError(f"--pretrained is for OpenCLIP architecture names; {name!r} is the built-in model")
+        return _load_transformers(builtin.model_path(), record_as=builtin.MODEL_NAME)
     if not is_open_clip_name(name, pretrained):
         if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
             raise ValueError(
@@ -125,12 +148,17 @@ def _open_clip_if_architecture(name: str):
     return open_clip if name in open_clip.list_models() else None
 
 
-def _load_transformers(name: str) -> DualEncoder:
+def _load_transformers(name: str, record_as: str | None = None) -> DualEncoder:
+    """Loads a transformers model from `name`, recorded (`name_or_path`) as `record_as` if given."""
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name)
     image_processor = AutoImageProcessor.from_pretrained(name)
     model = AutoModel.from_pretrained(name)
+    if record_as is not None:
+        model.name_or_path = record_as  # what PEFT records as base_model_name_or_path
+        model.config.name_or_path = record_as  # what PEFT's own model card records as base_model
+        name = record_as
     return DualEncoder(model, tokenizer, image_processor, name=name, library="transformers")
 
 
@@ -351,7 +379,8 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def read_adapter_base(adapter: str) -> tuple[str | None, str | None]:
     """Returns `(base_model_name_or_path, revision)` recorded in a local adapter folder's
-    adapter_config.json, `(None, None)` if there is none."""
+    adapter_config.json, `(None, None)` if there is none. `load_dual_encoder(name, pretrained=revision)`
+    loads that base model (`peft-svd/builtin` included)."""
     path = os.path.join(adapter, "adapter_config.json")
     if not os.path.isfile(path):
         return None, None
