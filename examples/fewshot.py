@@ -32,7 +32,6 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, set_seed
-from peft import get_peft_model
 
 import peft_svd
 from peft_svd import recipes
@@ -260,7 +259,7 @@ def main(argv=None):
     # Model: CLIP with singular-value fine-tuning on both encoders (transformers or OpenCLIP).
     encoder = models.load_dual_encoder(model_name, pretrained=args.pretrained)
     tokenizer, image_processor = encoder.tokenizer, encoder.image_processor
-    model = get_peft_model(encoder.model, peft_svd.SVDConfig(), revision=encoder.revision)
+    model = models.adapt(encoder.model, peft_svd.SVDConfig(), revision=encoder.revision)
     trainable, total = model.get_nb_trainable_parameters()
     accelerator.print(
         f"{model_name}: {trainable:,} trainable singular values ({100 * trainable / total:.3f}% of {total:,} parameters); "

@@ -5,8 +5,8 @@ import json
 import os
 
 import pytest
-from huggingface_hub import ModelCard
 from hub_recorder import HubRecorder
+from huggingface_hub import ModelCard
 
 from peft_svd import builtin
 from peft_svd.fewshot import modelcard

@@ -15,7 +15,8 @@ Which kind of model a name is:
 | `peft-svd/builtin` (`peft_svd.builtin.MODEL_NAME`), or the shipped model's folder | transformers, from the folder of this installation |
 | anything else: a Hub id or a folder with `config.json` | transformers' `AutoModel`, `AutoTokenizer`, `AutoImageProcessor` |
 
-`portable_name(name)` is the name an adapter records for its base model: `peft-svd/builtin` for the
+`adapt(model, config)` and `load_adapter(model, folder)` wrap a loaded model with PEFT for training
+and for use. `portable_name(name)` is the name an adapter records for its base model: `peft-svd/builtin` for the
 shipped model (wherever it is installed), a Hub id as it is, else the path given.
 
 OpenCLIP's tokenizers pad every prompt to the model's context (77 tokens, 256 for BiomedCLIP).
@@ -26,8 +27,10 @@ shorter sequence with the matching slice of their positional embedding and causa
 towers (bidirectional ones pooled at the last position, as SigLIP's) get the full context.
 """
 
+import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -375,6 +378,34 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     if model_library(model) == "transformers":
         return _pooled(model.get_image_features(pixel_values=pixel_values))
     return _base_model(model).encode_image(pixel_values)
+
+
+@contextlib.contextmanager
+def _peft_wrapping():
+    # PEFT 0.21's PeftModel reads transformers' `is_gradient_checkpointing`, which transformers 5
+    # deprecates in favour of `is_activation_checkpointing` (a FutureWarning at every wrap, that the
+    # user can do nothing about). Only that warning is ignored, only while PEFT wraps the model.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def adapt(model: torch.nn.Module, config, **kwargs):
+    """Returns `peft.get_peft_model(model, config, **kwargs)`: the model of a `DualEncoder` with a new
+    adapter (e.g. `peft_svd.SVDConfig()`), ready to train."""
+    from peft import get_peft_model
+
+    with _peft_wrapping():
+        return get_peft_model(model, config, **kwargs)
+
+
+def load_adapter(model: torch.nn.Module, adapter: str, **kwargs):
+    """Returns `peft.PeftModel.from_pretrained(model, adapter, **kwargs)`: the model of a
+    `DualEncoder` with a saved adapter (folder or Hub id). Import `peft_svd` first for SVD adapters."""
+    from peft import PeftModel
+
+    with _peft_wrapping():
+        return PeftModel.from_pretrained(model, adapter, **kwargs)
 
 
 def read_adapter_base(adapter: str) -> tuple[str | None, str | None]:
