@@ -52,10 +52,10 @@ def test_analyze_reads_blocks_heads_and_projections_of_openclip_models(which, re
     assert (tmp_path / "report" / "heads.png").is_file()
 
 
-def test_packed_qkv_is_reported_per_matrix_with_its_exact_change(openai_style_dir, tmp_path):
+def test_packed_qkv_is_reported_per_matrix_with_its_exact_change(request, tmp_path):
     """The q, k and v blocks of a packed in_proj each get their own singular values; the relative
     change reported for each equals ||W' - W||_F / ||W||_F of that block of the weight."""
-    model = _saved_adapter(openai_style_dir, tmp_path / "adapter")
+    model = _saved_adapter(request.getfixturevalue("openai_style_dir"), tmp_path / "adapter")
     changes = {c.name: c for c in spectral_change(model)}
     attention = model.get_base_model().visual.transformer.resblocks[1].attn
     before = attention.get_base_layer().in_proj_weight.detach()
