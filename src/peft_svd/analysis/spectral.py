@@ -63,6 +63,14 @@ class LayerChange:
         return self.delta / s0.clamp_min(floor)
 
     @property
+    def relative_to_largest(self) -> torch.Tensor:
+        """(R,) change of each singular value relative to the layer's largest one, ``d_i / max(s0)``:
+        the size of the change on the layer's own scale. Unlike ``relative_values`` it stays small
+        for a near-zero singular value that moved a little (``d_i / s0_i`` can be thousands of percent
+        there while the direction carries almost nothing)."""
+        return self.delta / self.singular_values.max().clamp_min(1e-30)
+
+    @property
     def relative_change(self) -> float:
         """``||d|| / ||s0||``: the relative Frobenius change of the layer's weight."""
         return _ratio(self.delta.square().sum(), self.singular_values.square().sum())
@@ -100,6 +108,8 @@ class LayerChange:
                     "index": i,
                     "before": float(self.singular_values[i]),
                     "after": float(self.adapted[i]),
+                    "change": float(self.delta[i]),
+                    "of_largest": float(self.relative_to_largest[i]),
                     "relative": float(self.relative_values[i]),
                 }
                 for i in indices

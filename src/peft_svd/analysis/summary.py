@@ -376,6 +376,8 @@ def analyze_adapter(
                         "kind": "amplified" if amplified else "damped",
                         "before": float(change.singular_values[i]),
                         "after": float(change.adapted[i]),
+                        "change": float(change.delta[i]),
+                        "of_largest": float(change.relative_to_largest[i]),
                         "relative": float(change.relative_values[i]),
                         "nearest": [[t, c] for t, c in named],
                     }
