@@ -219,7 +219,7 @@ def test_push_to_hub_uploads_adapter_model_card_and_results_in_one_commit(fewsho
                                                                            monkeypatch):
     hub = HubRecorder().install(monkeypatch)
     out = str(tmp_path / "pushed")
-    fewshot.main(["--model", tiny_clip_dir, "--dataset", colors_dir, "--shots", "1", "--max-steps", "1", "--batch-size", "4",
+    fewshot.main(["--model", tiny_clip_dir, "--dataset", colors_dir, "--shots", "1", "--max-steps", "2", "--batch-size", "4",
                   "--skip-zero-shot", "--checkpointing-steps", "1", "--output-dir", out, "--push-to-hub",
                   "--hub-model-id", "someone/clip-svd-colors"])
     assert ("create_repo", "someone/clip-svd-colors") in hub.calls
