@@ -8,6 +8,13 @@ BIN    := $(VENV)/bin
 # tests) must match it; 2.14.1 / 0.29.1 is a pair that imports on CPU-only machines.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
+# The folder `make demo` writes (the README's `peft-svd analyze runs/demo` reads it). A second
+# `make demo` is refused there rather than overwriting it: `make demo DEMO_DIR=runs/demo2`, or
+# `make demo ARGS=--overwrite-output-dir`.
+DEMO_DIR ?= runs/demo
+# A machine without a GPU can take the CPU-only wheels (no CUDA libraries, several GB less):
+#   make demo TORCH="torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu"
+
 .PHONY: demo test lint install clean
 
 $(BIN)/python:
@@ -22,7 +29,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no examples/fewshot.py $(ARGS)
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no examples/fewshot.py --output-dir $(DEMO_DIR) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -42,7 +42,6 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)  # every flag is checked before anything heavy is imported
     from accelerate import Accelerator
-    from peft import PeftModel
 
     import peft_svd  # noqa: F401  (registers the SVD method with PEFT, needed to load the adapter)
     from peft_svd.fewshot import data as fsdata
@@ -78,7 +77,7 @@ def main(argv=None):
     encoder = models.load_dual_encoder(model_name, pretrained=pretrained)
     tokenizer, image_processor = encoder.tokenizer, encoder.image_processor
     try:
-        model = PeftModel.from_pretrained(encoder.model, args.adapter)
+        model = models.load_adapter(encoder.model, args.adapter)
     except ValueError as exc:
         hint = f" It was trained on {saved_base!r}; pass that as --model." if saved_base and saved_base != model_name else ""
         raise SystemExit(f"error: adapter {args.adapter} cannot be loaded onto base model {model_name}: {str(exc).rstrip('.')}.{hint}") from exc

@@ -190,7 +190,6 @@ def main(argv=None):
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
-    from peft import get_peft_model
 
     import peft_svd
     from peft_svd.fewshot import data as fsdata
@@ -230,7 +229,7 @@ def main(argv=None):
         if model_name is None or dataset_source is None:  # the offline default: the built-in model and data
             from peft_svd import builtin
 
-            model_name = model_name or builtin.model_path()
+            model_name = model_name or builtin.MODEL_NAME  # the stable name, not this installation's folder
             dataset_source = dataset_source or f"{fsdata.BUILTIN_PREFIX}{builtin.DEFAULT_DATASET}"
         class_names = fsdata.parse_class_names(args.class_names)
         with accelerator.main_process_first():  # one process downloads or builds, the others read its cache
@@ -273,7 +272,7 @@ def main(argv=None):
         ])
 
         run = RunRecord(
-            model=model_name, pretrained=args.pretrained, dataset=dataset_source, dataset_config=args.dataset_config,
+            model=models.portable_name(model_name), pretrained=args.pretrained, dataset=dataset_source, dataset_config=args.dataset_config,
             image_column=args.image_column, label_column=args.label_column, class_names=list(data.class_names),
             train_split=train_split, protocol=args.protocol, shots=args.shots, seed=args.seed, template=template,
             num_steps=num_steps, train_images=len(shot_rows), recipe=recipe.to_dict(), mixed_precision=accelerator.mixed_precision,
@@ -291,7 +290,7 @@ def main(argv=None):
     # Model: CLIP with singular-value fine-tuning on both encoders (transformers or OpenCLIP).
     encoder = models.load_dual_encoder(model_name, pretrained=args.pretrained)
     tokenizer, image_processor = encoder.tokenizer, encoder.image_processor
-    model = get_peft_model(encoder.model, peft_svd.SVDConfig(), revision=encoder.revision)
+    model = models.adapt(encoder.model, peft_svd.SVDConfig(), revision=encoder.revision)
     trainable, total = model.get_nb_trainable_parameters()
     accelerator.print(
         f"{model_name}: {trainable:,} trainable singular values ({100 * trainable / total:.3f}% of {total:,} parameters); "
@@ -386,28 +385,9 @@ def main(argv=None):
         print(modelcard.results_table(results))
         print(f"adapter, results.json and README.md written to {output_dir}")
         if args.push_to_hub:
-            push(peft_model, output_dir, args)
+            print(f"pushed to https://huggingface.co/{modelcard.push_run(output_dir, args.hub_model_id, args.hub_token, args.hub_private)}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-
-
-def push(peft_model, output_dir: str, args) -> None:
-    """Uploads the adapter with PEFT's push_to_hub, then the model card and results.json in a
-    second commit (push_to_hub writes a generic card of its own)."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    api = HfApi(token=args.hub_token)
-    name = args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
-    # create_repo resolves a bare name to <user>/<name>; both commits use the full id.
-    repo_id = api.create_repo(name, private=args.hub_private or None, exist_ok=True).repo_id
-    peft_model.push_to_hub(repo_id, token=args.hub_token, private=args.hub_private or None,
-                           commit_message="Add CLIP-SVD adapter")
-    api.create_commit(
-        repo_id=repo_id,
-        operations=[CommitOperationAdd(path_in_repo=f, path_or_fileobj=os.path.join(output_dir, f)) for f in ("README.md", "results.json")],
-        commit_message="Add model card and results",
-    )
-    print(f"pushed to https://huggingface.co/{repo_id}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from peft import get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
@@ -19,6 +18,7 @@ from peft_svd.analysis import (
     summarize,
     write_report,
 )
+from peft_svd.fewshot.models import adapt
 
 HIDDEN, HEADS, BLOCKS = 32, 4, 3
 HEAD_DIM = HIDDEN // HEADS
@@ -94,7 +94,7 @@ def _layer(model, encoder, block, module):
 
 
 def test_spectral_change_reports_every_layer_and_the_relative_change():
-    model = get_peft_model(_clip(), peft_svd.SVDConfig())
+    model = adapt(_clip(), peft_svd.SVDConfig())
     layer = _layer(model, "text", 1, "fc1")
     with torch.no_grad():
         layer.svd_delta["default"][:3] = torch.tensor([0.5, -0.2, 0.1])
@@ -123,7 +123,7 @@ def test_change_on_one_heads_directions_is_attributed_to_that_head_in_a_model():
     g = torch.Generator().manual_seed(1)
     clip = _clip()
     _set_head_aligned_out_proj(clip, block=1, head=2, generator=g)
-    model = get_peft_model(clip, peft_svd.SVDConfig())
+    model = adapt(clip, peft_svd.SVDConfig())
     layer = _layer(model, "vision", 1, "out_proj")
     s0 = layer.svd_S
     with torch.no_grad():  # amplify the directions of head 2: the ones with s0 > 4
@@ -155,7 +155,7 @@ def test_an_amplified_direction_is_named_by_the_text_it_writes():
         )
         # An orthogonal value projection keeps the head writes' directions apart.
         last.v_proj.weight.copy_(_orthogonal(HIDDEN, g).float())
-    model = get_peft_model(clip, peft_svd.SVDConfig())
+    model = adapt(clip, peft_svd.SVDConfig())
     with torch.no_grad():
         _layer(model, "vision", BLOCKS - 1, "out_proj").svd_delta["default"][0] = 1.5
 
@@ -180,7 +180,7 @@ def test_pool_is_encoded_with_the_pretrained_text_encoder():
     tokenizer = _tokenizer()
     clip = _clip()
     reference = encode_pool(clip, tokenizer, POOL).embeddings
-    model = get_peft_model(clip, peft_svd.SVDConfig(init_weights=False))  # a random, non-zero adapter
+    model = adapt(clip, peft_svd.SVDConfig(init_weights=False))  # a random, non-zero adapter
     torch.testing.assert_close(encode_pool(model, tokenizer, POOL).embeddings, reference)
     # The adapter is active and trainable again afterwards, and does change the text embeddings.
     layer = _layer(model, "text", 0, "q_proj")
@@ -202,7 +202,7 @@ def test_write_report_writes_markdown_json_and_figures(tmp_path):
     g = torch.Generator().manual_seed(3)
     clip = _clip()
     _set_head_aligned_out_proj(clip, block=2, head=1, generator=g)
-    model = get_peft_model(clip, peft_svd.SVDConfig())
+    model = adapt(clip, peft_svd.SVDConfig())
     layer = _layer(model, "vision", 2, "out_proj")
     with torch.no_grad():
         layer.svd_delta["default"].copy_(torch.where(layer.svd_S > 4, -0.2 * layer.svd_S, 0.0))

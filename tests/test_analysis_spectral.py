@@ -55,3 +55,18 @@ def test_summaries_are_the_relative_change_of_the_concatenated_spectra():
     by_module = summarize([a, b, c], by=("encoder", "module"))
     assert by_module[("vision", "fc2")]["gain"] == pytest.approx((2 / 5) ** 0.5 - 1)
     assert summarize([a, b, c], by=())[()]["values"] == 6
+
+
+def test_a_near_zero_singular_value_is_reported_on_the_layers_scale(tmp_path):
+    from peft_svd.analysis import AdapterAnalysis, write_report
+
+    # s0 = 0.0003 -> 0.0943: +31333% of itself, +4.7% of the layer's largest singular value.
+    c = _change([2.0, 1.0, 0.0003], [2.0, 1.0, 0.0943])
+    torch.testing.assert_close(c.relative_to_largest, torch.tensor([0.0, 0.0, 0.047]))
+    assert c.to_dict()["top_amplified"][0] | {"relative": None} == {
+        "index": 2, "before": pytest.approx(0.0003), "after": pytest.approx(0.0943), "change": pytest.approx(0.094),
+        "of_largest": pytest.approx(0.047), "relative": None,
+    }  # fmt: skip
+    report = write_report(AdapterAnalysis(layers=[c], heads=[]), tmp_path)["report"].read_text()
+    assert "#2: 0.0003 → 0.0943 (+4.70% of s_max)" in report
+    assert "d_i / s_max" in report and "31333" not in report

@@ -1,16 +1,20 @@
 """The `peft-svd` command (peft_svd.cli)."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from peft import get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
 
 import peft_svd
 from peft_svd.cli import main
+from peft_svd.fewshot.models import adapt
 
 WORDS = ["a", "red", "blue", "car", "boat", "striped", "fur", "dog", "photo", "of", "."]
 
@@ -41,13 +45,14 @@ def _save_base(path):
         projection_dim=16,
     )
     CLIPModel(config).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(path)
 
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     _save_base(root / "base")
-    model = get_peft_model(CLIPModel.from_pretrained(root / "base"), peft_svd.SVDConfig(init_weights=False))
+    model = adapt(CLIPModel.from_pretrained(root / "base"), peft_svd.SVDConfig(init_weights=False))
     model.save_pretrained(root / "adapter")
     return root
 
@@ -122,9 +127,7 @@ def test_analyze_runs_offline_on_the_builtin_model(tmp_path):
     from peft_svd import builtin
     from peft_svd.analysis import default_descriptions
 
-    model = get_peft_model(
-        CLIPModel.from_pretrained(builtin.model_path()), peft_svd.SVDConfig(init_weights=False)
-    )
+    model = adapt(CLIPModel.from_pretrained(builtin.model_path()), peft_svd.SVDConfig(init_weights=False))
     model.save_pretrained(tmp_path / "adapter")
     assert (
         main(["analyze", str(tmp_path / "adapter"), "--base", "builtin", "--out", str(tmp_path / "r")]) == 0
@@ -136,6 +139,66 @@ def test_analyze_runs_offline_on_the_builtin_model(tmp_path):
     assert (tmp_path / "r" / "heads.png").is_file()
 
 
-def test_analyze_rejects_a_folder_without_an_adapter(tmp_path):
-    with pytest.raises(SystemExit, match="not an adapter folder"):
+def test_analyze_rejects_a_folder_without_an_adapter(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
         main(["analyze", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert exc.value.code == 2 and "not an adapter folder" in capsys.readouterr().err
+
+
+def _run_cli(args):
+    """Runs the console script's entry point in a fresh interpreter; returns (exit status, stdout,
+    the heavy modules it imported)."""
+    code = (
+        "import sys, peft_svd_cli\n"
+        "try:\n    status = peft_svd_cli.main(sys.argv[1:])\nexcept SystemExit as exc:\n    status = exc.code\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'peft_svd', 'datasets') if m in sys.modules)\n"
+        "print('HEAVY', ','.join(heavy))\nsys.exit(status)\n"
+    )
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=60)
+    out, _, heavy = proc.stdout.rpartition("HEAVY ")
+    return proc.returncode, out + proc.stderr, heavy.strip()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["analyze", "--help"], ["--version"], [], ["analyze", "/no/such/adapter"]])
+def test_help_version_and_usage_errors_do_not_import_torch(args):
+    status, out, heavy = _run_cli(args)
+    assert heavy == ""  # answered before torch, transformers, PEFT or peft_svd were imported
+    if args == ["--version"]:
+        assert status == 0 and out.strip() == f"peft-svd {peft_svd.__version__}"
+    elif args == []:  # bare `peft-svd` prints the usage with the commands, not an error
+        assert status == 0 and out.startswith("usage: peft-svd") and "analyze" in out
+    elif args[-1] == "--help":
+        assert status == 0 and "usage: peft-svd" in out
+    else:
+        assert status == 2 and "not an adapter folder" in out
+
+
+def test_analyze_loads_an_adapter_of_the_builtin_model_from_any_install_location(tmp_path, monkeypatch):
+    """The adapter records `peft-svd/builtin`, not the folder of one installation: saved with the
+    built-in model in one place, it is analysed with the model in another (the first one gone)."""
+    from peft_svd import builtin
+    from peft_svd.fewshot import models as fewshot_models
+
+    shipped = builtin.model_path()
+    first, second = tmp_path / "install-1", tmp_path / "install-2"
+    shutil.copytree(shipped, first)
+    monkeypatch.setattr(builtin, "model_path", lambda: str(first))
+    monkeypatch.setattr(builtin, "is_model", lambda name: name == builtin.MODEL_NAME or Path(name) == first)
+    encoder = fewshot_models.load_dual_encoder(str(first))  # the folder, as a user may pass it
+    assert encoder.name == builtin.MODEL_NAME
+    model = adapt(encoder.model, peft_svd.SVDConfig(init_weights=False))
+    model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)  # as examples/fewshot.py
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == builtin.MODEL_NAME
+
+    moved = tmp_path / "elsewhere" / "adapter"
+    shutil.copytree(tmp_path / "adapter", moved)
+    shutil.rmtree(tmp_path / "adapter")
+    shutil.move(first, second)
+    monkeypatch.setattr(builtin, "model_path", lambda: str(second))
+    assert main(["analyze", str(moved), "--out", str(tmp_path / "r"), "--blocks", "1"]) == 0
+    data = json.loads((tmp_path / "r" / "analysis.json").read_text())
+    assert data["meta"]["base model"] == builtin.MODEL_NAME and data["meta"]["description pool"].startswith("builtin")
+    assert data["layers"] and data["pool_size"] > 0

@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+from hub_recorder import HubRecorder
 from safetensors.torch import load_file
 from tiny_fewshot import write_imagefolder, write_tiny_clip
 
@@ -215,56 +216,21 @@ def test_base_to_novel_and_cross_dataset(fewshot, tiny_clip_dir, colors_dir, tmp
     assert "harmonic mean" in open(os.path.join(out, "README.md")).read()
 
 
-class _HubRecorder:
-    """Stands in for the Hub: records repository creations and commits."""
-
-    def __init__(self):
-        self.calls = []
-
-    def install(self, monkeypatch):
-        import huggingface_hub
-        from huggingface_hub.errors import EntryNotFoundError
-
-        recorder = self
-
-        def create_repo(self, repo_id, **kwargs):
-            recorder.calls.append(("create_repo", repo_id))
-            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
-
-        def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
-            files = {}
-            for op in operations:
-                source = op.path_or_fileobj
-                files[op.path_in_repo] = open(source, "rb").read() if isinstance(source, str) else bytes(source)
-            recorder.calls.append(("create_commit", repo_id, commit_message, files))
-
-        def no_remote_card(*args, **kwargs):
-            raise EntryNotFoundError("no README.md on the (recorded) Hub")
-
-        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
-        monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", lambda *a, **k: None)
-        monkeypatch.setattr(huggingface_hub.ModelCard, "load", classmethod(no_remote_card))
-        return self
-
-
-def test_push_to_hub_uploads_adapter_then_model_card(fewshot, tiny_clip_dir, colors_dir, tmp_path, monkeypatch):
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the recorder is the Hub
-    hub = _HubRecorder().install(monkeypatch)
+def test_push_to_hub_uploads_adapter_model_card_and_results_in_one_commit(fewshot, tiny_clip_dir, colors_dir, tmp_path,
+                                                                           monkeypatch):
+    hub = HubRecorder().install(monkeypatch)
     out = str(tmp_path / "pushed")
-    fewshot.main(["--model", tiny_clip_dir, "--dataset", colors_dir, "--shots", "1", "--max-steps", "1", "--batch-size", "4",
-                  "--skip-zero-shot", "--output-dir", out, "--push-to-hub", "--hub-model-id", "someone/clip-svd-colors"])
-    commits = [c for c in hub.calls if c[0] == "create_commit"]
+    fewshot.main(["--model", tiny_clip_dir, "--dataset", colors_dir, "--shots", "1", "--max-steps", "2", "--batch-size", "4",
+                  "--skip-zero-shot", "--checkpointing-steps", "1", "--output-dir", out, "--push-to-hub",
+                  "--hub-model-id", "someone/clip-svd-colors"])
     assert ("create_repo", "someone/clip-svd-colors") in hub.calls
-    assert len(commits) == 2 and all(c[1] == "someone/clip-svd-colors" for c in commits)
-    adapter_files = commits[0][3]
-    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(adapter_files)
-    assert adapter_files["adapter_model.safetensors"] == open(os.path.join(out, "adapter_model.safetensors"), "rb").read()
-    card_files = commits[1][3]
-    assert set(card_files) == {"README.md", "results.json"}
-    assert b"CLIP-SVD adapter" in card_files["README.md"] and b"| shots per class | 1" in card_files["README.md"]
+    [commit] = hub.commits()
+    assert commit[1] == "someone/clip-svd-colors"
+    files = commit[3]  # the checkpoints/ of the run stay local
+    assert set(files) == {"adapter_model.safetensors", "adapter_config.json", "README.md", "results.json"}
+    assert os.listdir(os.path.join(out, "checkpoints"))
+    assert files["adapter_model.safetensors"] == open(os.path.join(out, "adapter_model.safetensors"), "rb").read()
+    assert b"CLIP-SVD adapter" in files["README.md"] and b"| shots per class | 1" in files["README.md"]
 
 
 def test_push_to_hub_offline_is_refused_before_training(fewshot, capsys, monkeypatch):

@@ -54,20 +54,27 @@ def read_descriptions(path: str | Path) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def joint_space_map(layer_norm: torch.nn.Module, projection: torch.nn.Module) -> torch.Tensor:
+def joint_space_map(
+    layer_norm: torch.nn.Module | None, projection: torch.nn.Module | torch.Tensor
+) -> torch.Tensor:
     """Linear map from residual-stream directions to the joint image-text space.
 
     Args:
         layer_norm: the encoder's final ``nn.LayerNorm`` (``post_layernorm`` for CLIP's image
-            encoder, ``final_layer_norm`` for its text encoder).
+            encoder, ``final_layer_norm`` for its text encoder, ``ln_post`` / ``ln_final`` in
+            OpenCLIP), or None when the pooled token goes to the projection without one.
         projection: the ``nn.Linear`` into the joint space (``visual_projection`` /
-            ``text_projection``).
+            ``text_projection``), or its (joint_dim, hidden) weight
+            (``peft_svd.fewshot.models.EncoderLayout.projection``).
 
     Returns:
-        (joint_dim, hidden) float32 matrix ``P diag(gamma) (I - 11^T / hidden)``; see the module
-        docstring for what the linearisation leaves out.
+        (joint_dim, hidden) float32 matrix ``P diag(gamma) (I - 11^T / hidden)`` (``P`` alone
+        without a layer norm); see the module docstring for what the linearisation leaves out.
     """
-    weight = projection.weight.detach().float().cpu()
+    weight = projection if torch.is_tensor(projection) else projection.weight
+    weight = weight.detach().float().cpu()
+    if layer_norm is None:
+        return weight
     hidden = weight.shape[1]
     gamma = getattr(layer_norm, "weight", None)
     gamma = torch.ones(hidden) if gamma is None else gamma.detach().float().cpu()
@@ -104,12 +111,13 @@ class ConceptPool:
         texts: list[str],
         batch_size: int = 64,
     ) -> ConceptPool:
-        """Encode ``texts`` with a CLIP model's own text encoder and text projection.
+        """Encode ``texts`` with a dual encoder's own text encoder and text projection.
 
         Args:
-            model: a CLIP-like model with ``text_model`` and ``text_projection`` (the base model;
-                disable an adapter first if the dictionary should stay the pretrained one).
-            tokenizer: the model's tokenizer.
+            model: a transformers CLIP-style or OpenCLIP model (the base model; disable an adapter
+                first if the dictionary should stay the pretrained one).
+            tokenizer: the model's tokenizer (``peft_svd.fewshot.models.DualEncoder.tokenizer``, or a
+                transformers tokenizer).
             texts: descriptions; duplicates are removed, order kept.
             batch_size: texts per forward pass.
 
@@ -118,12 +126,13 @@ class ConceptPool:
             (the unknown token would stand in for that word, and the embedding would no longer
             mean the description; byte-level tokenizers such as CLIP's know every word).
         """
-        for attr in ("text_model", "text_projection"):
-            if not hasattr(model, attr):
-                raise ValueError(
-                    f"{type(model).__name__} has no `{attr}`; describing directions needs a CLIP-like "
-                    "model with a text encoder and a text projection."
-                )
+        from peft_svd.fewshot.models import text_features
+        from peft_svd.fewshot.zeroshot import check_dual_encoder, tokenize_prompts
+
+        try:
+            check_dual_encoder(model)
+        except ValueError as err:
+            raise ValueError(f"{err}; describing directions needs the model's text encoder") from err
         texts = list(dict.fromkeys(t.strip() for t in texts if t.strip()))
         kept, dropped = _known_texts(tokenizer, texts)
         if len(kept) < 2:
@@ -131,23 +140,15 @@ class ConceptPool:
                 f"Only {len(kept)} of {len(texts)} descriptions use only words the tokenizer knows; at least "
                 "2 are needed (the pool mean is removed). Add descriptions in the model's vocabulary."
             )
-        max_length = getattr(getattr(model.text_model, "config", None), "max_position_embeddings", None)
-        param = next(model.text_projection.parameters())
+        text_model = getattr(model, "text_model", None)
+        max_length = getattr(getattr(text_model, "config", None), "max_position_embeddings", None)
+        device = next(model.parameters()).device
         chunks = []
         with torch.no_grad():
             for start in range(0, len(kept), batch_size):
-                batch = tokenizer(
-                    kept[start : start + batch_size],
-                    padding=True,
-                    truncation=max_length is not None,
-                    max_length=max_length,
-                    return_tensors="pt",
-                )
-                inputs = {
-                    k: v.to(param.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")
-                }
-                out = model.text_model(**inputs)
-                chunks.append(model.text_projection(out.pooler_output).float().cpu())
+                batch = tokenize_prompts(tokenizer, kept[start : start + batch_size], max_length=max_length)
+                features = text_features(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                chunks.append(features.float().cpu())
         return cls.from_embeddings(kept, torch.cat(chunks), dropped=dropped)
 
     @classmethod
@@ -165,6 +166,11 @@ class ConceptPool:
 
 def _known_texts(tokenizer, texts: list[str]) -> tuple[list[str], list[str]]:
     """Split texts into those the tokenizer encodes without its unknown token and the rest."""
+    from peft_svd.fewshot.models import vocabulary_tokenizer
+
+    tokenizer = vocabulary_tokenizer(tokenizer)
+    if tokenizer is None:  # a byte-level tokenizer: every word has tokens
+        return list(texts), []
     unk = getattr(tokenizer, "unk_token_id", None)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     kept, dropped = [], []

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .spectral import _PEFT_PREFIX, _ratio, parse_layer_name
+from .spectral import _PEFT_PREFIX, _ratio, parse_layer_name, spectrum_columns
 
 # For each attention matrix, which side of the weight is split into heads: "out" for the rows
 # (q, k, v write one slice per head), "in" for the columns (the output projection reads them).
@@ -124,6 +124,11 @@ def _num_heads(model: torch.nn.Module, attention_path: str) -> int:
 def attention_head_changes(model: torch.nn.Module, adapter_name: str = "default") -> list[HeadChange]:
     """Attribute the adapter's change of every adapted attention matrix to the heads.
 
+    Blocks, their q, k, v and output matrices (separate or packed) and their numbers of heads come
+    from the model's layout (``peft_svd.fewshot.models.encoder_layouts``: transformers CLIP,
+    OpenCLIP, BiomedCLIP-style models); other models are read by module names (``q_proj``,
+    ``k_proj``, ``v_proj``, ``out_proj`` under a module with ``num_heads``).
+
     Args:
         model: a model adapted with peft_svd.
         adapter_name: which adapter to read.
@@ -132,24 +137,17 @@ def attention_head_changes(model: torch.nn.Module, adapter_name: str = "default"
         One ``HeadChange`` per head of every attention module with an adapted q, k, v or output
         projection, sorted by ``relative_change``, largest first.
     """
-    import peft_svd
+    from peft_svd.fewshot.models import encoder_layouts
 
-    per_attention: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
-    for name, layer in peft_svd.iter_svd_layers(model):
-        parent, _, module = name.rpartition(".")
-        side = HEAD_SIDES.get(module)
-        if side is None or adapter_name not in layer.svd_delta:
-            continue
-        num_heads = _num_heads(model, parent)
-        vectors = layer.svd_Vh if side == "in" else layer.svd_U.T
-        shares = head_shares(vectors, num_heads)
-        per_attention.setdefault(parent, {})[module] = head_change(
-            layer.svd_S.detach().cpu(), layer.singular_values(adapter_name).detach().cpu(), shares.cpu()
-        )
+    try:
+        layouts = encoder_layouts(model)
+    except ValueError:
+        per_attention = _changes_by_module_names(model, adapter_name)
+    else:
+        per_attention = _changes_by_layout(layouts, adapter_name)
 
     heads = []
-    for parent, modules in per_attention.items():
-        encoder, block, _ = parse_layer_name(_PEFT_PREFIX.sub("", parent) + ".x")
+    for (encoder, block, *_), modules in per_attention.items():
         base = sum(m["base"] for m in modules.values())
         adapted = sum(m["adapted"] for m in modules.values())
         change = sum(m["change"] for m in modules.values())
@@ -166,3 +164,46 @@ def attention_head_changes(model: torch.nn.Module, adapter_name: str = "default"
             )
     heads.sort(key=lambda h: h.relative_change, reverse=True)
     return heads
+
+
+def _changes_by_layout(layouts, adapter_name: str) -> dict[tuple, dict[str, dict[str, torch.Tensor]]]:
+    """``{(encoder, block): {role: head_change(...)}}`` for the adapted attention matrices of every block."""
+    import peft_svd
+
+    per_attention: dict[tuple, dict[str, dict[str, torch.Tensor]]] = {}
+    for layout in layouts.values():
+        for block in layout.blocks:
+            for role, projection in block.projections().items():
+                layer, side = projection.module, HEAD_SIDES.get(role)
+                if side is None or not isinstance(layer, peft_svd.SVDLayer) or adapter_name not in layer.svd_delta:
+                    continue
+                columns = spectrum_columns(layer, projection.rows)
+                rows = projection.rows or slice(None)
+                vectors = layer.svd_Vh[columns] if side == "in" else layer.svd_U[rows, columns].T
+                per_attention.setdefault((layout.name, block.index), {})[role] = head_change(
+                    layer.svd_S[columns].detach().cpu(),
+                    layer.singular_values(adapter_name)[columns].detach().cpu(),
+                    head_shares(vectors, block.num_heads).cpu(),
+                )
+    return per_attention
+
+
+def _changes_by_module_names(model, adapter_name: str) -> dict[tuple, dict[str, dict[str, torch.Tensor]]]:
+    """``{(encoder, block, attention path): {module: head_change(...)}}``, for models read by their
+    module names."""
+    import peft_svd
+
+    per_attention: dict[tuple, dict[str, dict[str, torch.Tensor]]] = {}
+    for name, layer in peft_svd.iter_svd_layers(model):
+        parent, _, module = name.rpartition(".")
+        side = HEAD_SIDES.get(module)
+        if side is None or adapter_name not in layer.svd_delta:
+            continue
+        num_heads = _num_heads(model, parent)
+        vectors = layer.svd_Vh if side == "in" else layer.svd_U.T
+        shares = head_shares(vectors, num_heads)
+        encoder, block, _ = parse_layer_name(_PEFT_PREFIX.sub("", parent) + ".x")
+        per_attention.setdefault((encoder, block, parent), {})[module] = head_change(
+            layer.svd_S.detach().cpu(), layer.singular_values(adapter_name).detach().cpu(), shares.cpu()
+        )
+    return per_attention

@@ -18,6 +18,21 @@ def _signed_pct(value: float) -> str:
     return f"{100 * value:+.2f}%"
 
 
+def _direction(index: int, before: float, after: float, of_largest: float) -> str:
+    """A singular direction as ``#i: s0 -> s0 + d (d / max s0)``."""
+    return f"#{index}: {before:.3g} → {after:.3g} ({_signed_pct(of_largest)} of s_max)"
+
+
+def _layer_direction(change: LayerChange, indices: list[int]) -> str:
+    """The first of ``indices`` (from ``LayerChange.top_directions``) as ``_direction`` shows it."""
+    if not indices:
+        return "-"
+    i = indices[0]
+    return _direction(
+        i, float(change.singular_values[i]), float(change.adapted[i]), float(change.relative_to_largest[i])
+    )
+
+
 def _texts(pairs, n: int = 3, scores: bool = True) -> str:
     if not pairs:
         return "-"
@@ -121,6 +136,14 @@ def write_report(
     md += ["### By block", ""] + _table(["encoder", "block", "relative change", "gain"], rows)
 
     md += ["## Most changed layers", ""]
+    md += [
+        "A singular direction `#i` is shown as its singular value before and after, `s0_i → s0_i + d_i`, "
+        "with the change as a share of the layer's largest singular value, `d_i / s_max`: the size of the "
+        "change on the layer's own scale. (Relative to the direction's own value, `d_i / s0_i`, a "
+        "near-zero singular value that moved a little would show thousands of percent while carrying "
+        "almost nothing.) The most amplified / damped direction is the one with the largest `d_i` / `-d_i`.",
+        "",
+    ]
     changed = [c for c in analysis.layers if c.relative_change > 0]
     ranked = sorted(changed, key=lambda c: c.relative_change, reverse=True)[:num_layers]
     rows = []
@@ -132,8 +155,8 @@ def write_report(
                 f"`{c.name}`",
                 _pct(c.relative_change),
                 _signed_pct(c.gain),
-                f"#{up[0]} ({_signed_pct(float(c.relative_values[up[0]]))})" if up else "-",
-                f"#{down[0]} ({_signed_pct(float(c.relative_values[down[0]]))})" if down else "-",
+                _layer_direction(c, up),
+                _layer_direction(c, down),
             ]
         )
     md += _table(
@@ -246,12 +269,12 @@ def write_report(
                 [
                     f"{d['encoder']} b{d['block']} {d['module']} #{d['index']}",
                     d["kind"],
-                    _signed_pct(d["relative"]),
+                    _direction(d["index"], d["before"], d["after"], d["of_largest"]).split(": ", 1)[1],
                     heads,
                     names,
                 ]
             )
-        md += _table(["direction", "kind", "relative change", "heads", "nearest descriptions"], rows)
+        md += _table(["direction", "kind", "s0 → s0 + d (d / s_max)", "heads", "nearest descriptions"], rows)
 
     md += [
         "## Method notes",

@@ -28,10 +28,13 @@ class LayerChange:
     """The singular values of one adapted layer, before and after adaptation.
 
     Attributes:
-        name: the module's path in the base model (PEFT's ``base_model.model.`` prefix removed).
+        name: the module's path in the base model (PEFT's ``base_model.model.`` prefix removed;
+            ``[q]``, ``[k]``, ``[v]`` for the matrices of a packed projection).
         encoder: ``"vision"``, ``"text"``, or the top-level module name for other models.
         block: index of the transformer block the layer belongs to, or None.
-        module: the layer's own name, e.g. ``"q_proj"`` or ``"fc2"``.
+        module: the matrix's role in its block (``"q_proj"``, ``"k_proj"``, ``"v_proj"``,
+            ``"out_proj"``, ``"fc1"``, ``"fc2"``) for models with a known layout, else the layer's
+            own name.
         singular_values: (R,) pretrained singular values ``s0``, descending.
         adapted: (R,) adapted singular values ``s0 + d``.
     """
@@ -58,6 +61,14 @@ class LayerChange:
         s0 = self.singular_values
         floor = s0.max().clamp_min(1e-30) * 1e-6
         return self.delta / s0.clamp_min(floor)
+
+    @property
+    def relative_to_largest(self) -> torch.Tensor:
+        """(R,) change of each singular value relative to the layer's largest one, ``d_i / max(s0)``:
+        the size of the change on the layer's own scale. Unlike ``relative_values`` it stays small
+        for a near-zero singular value that moved a little (``d_i / s0_i`` can be thousands of percent
+        there while the direction carries almost nothing)."""
+        return self.delta / self.singular_values.max().clamp_min(1e-30)
 
     @property
     def relative_change(self) -> float:
@@ -97,6 +108,8 @@ class LayerChange:
                     "index": i,
                     "before": float(self.singular_values[i]),
                     "after": float(self.adapted[i]),
+                    "change": float(self.delta[i]),
+                    "of_largest": float(self.relative_to_largest[i]),
                     "relative": float(self.relative_values[i]),
                 }
                 for i in indices
@@ -142,18 +155,69 @@ def parse_layer_name(name: str) -> tuple[str, int | None, str]:
     return encoder, block, parts[-1]
 
 
+def layer_roles(model: torch.nn.Module) -> dict[int, list[tuple[str, int, str, slice | None]]]:
+    """Where each matrix of a dual encoder sits, found through `peft_svd.fewshot.models.encoder_layouts`.
+
+    Returns:
+        ``{id(module): [(encoder, block, role, rows), ...]}`` for the module holding each block's
+        q, k, v, output and MLP matrices (role ``"q_proj"``, ``"k_proj"``, ``"v_proj"``,
+        ``"out_proj"``, ``"fc1"``, ``"fc2"``); a packed q/k/v projection has three entries with
+        their ``rows``. Empty for a model without a known layout (module names are parsed instead).
+    """
+    from peft_svd.fewshot.models import encoder_layouts
+
+    try:
+        layouts = encoder_layouts(model)
+    except ValueError:
+        return {}
+    roles: dict[int, list] = {}
+    for layout in layouts.values():
+        for block in layout.blocks:
+            for role, projection in block.projections().items():
+                roles.setdefault(id(projection.module), []).append((layout.name, block.index, role, projection.rows))
+    return roles
+
+
+def spectrum_columns(layer, rows: slice | None) -> slice:
+    """The singular values of ``layer`` that belong to the matrix in ``rows`` of its weight: all of
+    them for a whole weight, the block's own for one block of a packed weight (``out_splits``)."""
+    if rows is None:
+        return slice(None)
+    start_row, start_column = 0, 0
+    for block_rows in layer.out_splits or (layer.out_features,):
+        rank = min(block_rows, layer.in_features)
+        if start_row == rows.start and start_row + block_rows == rows.stop:
+            return slice(start_column, start_column + rank)
+        start_row, start_column = start_row + block_rows, start_column + rank
+    raise ValueError(
+        f"rows {rows.start}:{rows.stop} are not one block of this layer's factorization "
+        f"(out_splits {layer.out_splits}); a packed projection must be factorized per matrix"
+    )
+
+
+def _display_name(name: str) -> str:
+    # PEFT's prefix and the attention wrapper's `base_layer` are not part of the model's own path.
+    return _PEFT_PREFIX.sub("", name).replace(".base_layer.", ".")
+
+
 def spectral_change(model: torch.nn.Module, adapter_name: str = "default") -> list[LayerChange]:
     """Singular values before and after adaptation for every SVD-adapted layer of ``model``.
+
+    Encoders, blocks and matrix roles come from the model's layout (transformers CLIP, OpenCLIP,
+    BiomedCLIP-style models; see ``layer_roles``), else from the module names. A packed q/k/v
+    projection gives three layers (``...in_proj[q]`` etc.), one per matrix, each with its own
+    singular values.
 
     Args:
         model: a model adapted with peft_svd (a ``PeftModel`` or the tuner's model).
         adapter_name: which adapter to read.
 
     Returns:
-        One ``LayerChange`` per adapted layer, in module order.
+        One ``LayerChange`` per adapted matrix, in module order.
     """
     import peft_svd
 
+    roles = layer_roles(model)
     changes = []
     for name, layer in peft_svd.iter_svd_layers(model):
         if adapter_name not in layer.svd_delta:
@@ -163,8 +227,15 @@ def spectral_change(model: torch.nn.Module, adapter_name: str = "default") -> li
             )
         s0 = layer.svd_S.detach().float().cpu()
         adapted = layer.singular_values(adapter_name).detach().float().cpu()
-        encoder, block, module = parse_layer_name(name)
-        changes.append(LayerChange(_PEFT_PREFIX.sub("", name), encoder, block, module, s0, adapted))
+        shown = _display_name(name)
+        if id(layer) not in roles:
+            encoder, block, module = parse_layer_name(name)
+            changes.append(LayerChange(shown, encoder, block, module, s0, adapted))
+            continue
+        for encoder, block, role, rows in roles[id(layer)]:
+            columns = spectrum_columns(layer, rows)
+            label = shown if rows is None else f"{shown}[{role[0]}]"
+            changes.append(LayerChange(label, encoder, block, role, s0[columns], adapted[columns]))
     if not changes:
         raise ValueError(
             "The model has no SVD-adapted layers. Load the adapter with "

@@ -10,14 +10,6 @@ from .describe import ConceptPool, concept_change, joint_space_map, name_directi
 from .heads import HeadChange, attention_head_changes, head_shares
 from .spectral import LayerChange, spectral_change, summarize
 
-# Where the pieces of each encoder sit in a Hugging Face CLIP model: the blocks, the final
-# layer norm and the projection into the joint space.
-_ENCODER_PARTS = {
-    "vision": ("vision_model", "post_layernorm", "visual_projection"),
-    "text": ("text_model", "final_layer_norm", "text_projection"),
-}
-
-
 # Concept scores below this (in units of the average description's energy) are rounding noise.
 _NEGLIGIBLE = 1e-4
 
@@ -194,23 +186,25 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     return get() if callable(get) else model
 
 
-def _weights(module: torch.nn.Module, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) float32 weight of a linear layer before and after the adapter, on CPU.
+def _weights(projection, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float32 weight of one matrix (a ``peft_svd.fewshot.models.Projection``) before and
+    after the adapter, on CPU.
 
-    For an SVD layer both come from the factors (``U diag(s) Vh``), so they do not depend on
-    whether the adapter is merged into the base weight.
+    For an SVD layer both come from the factors (``U diag(s) Vh``, the matrix's rows of them for a
+    packed projection), so they do not depend on whether the adapter is merged into the base weight.
     """
     import peft_svd
 
+    module, rows = projection.module, projection.rows or slice(None)
     if isinstance(module, peft_svd.SVDLayer):
-        u = module.svd_U.detach().float().cpu()
+        u = module.svd_U[rows].detach().float().cpu()
         vh = module.svd_Vh.detach().float().cpu()
         s0 = module.svd_S.detach().float().cpu()
         before = (u * s0) @ vh
         if adapter_name not in module.svd_delta:
             return before, before
         return before, (u * module.singular_values(adapter_name).detach().float().cpu()) @ vh
-    weight = module.weight.detach().float().cpu()
+    weight = projection.base_weight().detach().float().cpu()
     return weight, weight
 
 
@@ -245,12 +239,15 @@ def encode_pool(model: torch.nn.Module, tokenizer, texts: list[str], batch_size:
     on a model whose layers were injected directly; the adapters' enabled state, the trainability
     of their parameters and the model's train/eval mode are restored afterwards.
     """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     import peft_svd
 
     base = _base_model(model)
-    layers = [layer for _, layer in peft_svd.iter_svd_layers(base)]
+    # Every adapter layer, the attention wrappers of packed projections included.
+    layers = [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
     disabled = [layer.disable_adapters for layer in layers]
-    trainable = [(p, p.requires_grad) for layer in layers for p in layer.svd_delta.values()]
+    trainable = [(p, p.requires_grad) for _, layer in peft_svd.iter_svd_layers(base) for p in layer.svd_delta.values()]
     was_training = base.training
     base.eval()
     try:
@@ -279,13 +276,14 @@ def analyze_adapter(
     """Analyse an SVD adapter: which layers and heads moved, and what the moved parts write.
 
     Args:
-        model: a CLIP model adapted with peft_svd (``PeftModel`` or tuner model).
+        model: a dual encoder adapted with peft_svd (``PeftModel`` or tuner model): transformers
+            CLIP, OpenCLIP or BiomedCLIP-style (see ``peft_svd.fewshot.models.encoder_layouts``).
         tokenizer: the model's tokenizer; without it (or without ``descriptions``) the concept
             part is skipped.
         adapter_name: which adapter to analyse.
         descriptions: texts of the description pool (see ``default_descriptions``).
-        describe_encoder: ``"vision"`` (residual stream -> ``post_layernorm`` ->
-            ``visual_projection``) or ``"text"`` (-> ``final_layer_norm`` -> ``text_projection``).
+        describe_encoder: ``"vision"`` (residual stream -> final layer norm -> projection into the
+            joint space, e.g. ``post_layernorm`` -> ``visual_projection``) or ``"text"``.
         describe_blocks: how many of the encoder's last blocks to describe.
         top_k: descriptions listed per head, pathway and direction.
         directions_per_layer: most amplified and most damped singular directions named per
@@ -305,35 +303,33 @@ def analyze_adapter(
     if tokenizer is None or not descriptions:
         return analysis
 
-    if describe_encoder not in _ENCODER_PARTS:
+    from peft_svd.fewshot.models import encoder_layouts
+
+    layouts = encoder_layouts(model)
+    layout = layouts.get(describe_encoder)
+    if layout is None:
         raise ValueError(
-            f"describe_encoder must be one of {sorted(_ENCODER_PARTS)}, got {describe_encoder!r}."
+            f"describe_encoder must be one of the model's encoders {sorted(layouts)}, got {describe_encoder!r}."
         )
-    base = _base_model(model)
-    tower_name, norm_name, projection_name = _ENCODER_PARTS[describe_encoder]
-    tower = getattr(base, tower_name, None)
-    projection = getattr(base, projection_name, None)
-    norm = getattr(tower, norm_name, None) if tower is not None else None
-    if tower is None or norm is None or projection is None:
+    if layout.projection is None:
         raise ValueError(
-            f"{type(base).__name__} has no {tower_name}.{norm_name} and {projection_name}; naming directions "
-            "needs CLIP's layout (final layer norm then a linear projection into the joint space)."
+            f"The {describe_encoder} encoder of {type(_base_model(model)).__name__} does not reach the joint space "
+            "through a linear projection (e.g. attention pooling or an MLP head); naming the directions its "
+            "blocks write needs one. Pass describe_blocks=0 (peft-svd analyze --blocks 0) to skip this part."
         )
     pool = encode_pool(model, tokenizer, descriptions)
     analysis.pool, analysis.pool_dropped = pool.texts, pool.dropped
-    joint = joint_space_map(norm, projection)
+    joint = joint_space_map(layout.norm, layout.projection)
     readout = pool.embeddings @ joint  # (N, hidden): t^T M for every description
-    blocks = list(tower.encoder.layers)
+    blocks = layout.blocks
     first = max(0, len(blocks) - describe_blocks)
     by_name = {(c.encoder, c.block, c.module): c for c in layers}
 
-    for index in range(first, len(blocks)):
-        block = blocks[index]
-        attention, mlp = block.self_attn, block.mlp
-        num_heads = attention.num_heads
-        w_o, w_o_adapted = _weights(attention.out_proj, adapter_name)
-        w_v, w_v_adapted = _weights(attention.v_proj, adapter_name)
-        w_2, w_2_adapted = _weights(mlp.fc2, adapter_name)
+    for block in blocks[first:]:
+        index, num_heads = block.index, block.num_heads
+        w_o, w_o_adapted = _weights(block.out, adapter_name)
+        w_v, w_v_adapted = _weights(block.v, adapter_name)
+        w_2, w_2_adapted = _weights(block.fc_out, adapter_name)
         head_dim = w_o.shape[1] // num_heads
 
         where = {"encoder": describe_encoder, "block": index}
@@ -359,10 +355,11 @@ def analyze_adapter(
         )
 
         # Name the singular directions the block writes, with their head shares for out_proj.
-        for module_name, module in (("out_proj", attention.out_proj), ("fc2", mlp.fc2)):
+        for module_name, projection in (("out_proj", block.out), ("fc2", block.fc_out)):
             change = by_name.get((describe_encoder, index, module_name))
             if change is None:
                 continue
+            module = projection.module
             u = module.svd_U.detach().float().cpu()
             shares = head_shares(module.svd_Vh, num_heads) if module_name == "out_proj" else None
             for amplified in (True, False):
@@ -379,6 +376,8 @@ def analyze_adapter(
                         "kind": "amplified" if amplified else "damped",
                         "before": float(change.singular_values[i]),
                         "after": float(change.adapted[i]),
+                        "change": float(change.delta[i]),
+                        "of_largest": float(change.relative_to_largest[i]),
                         "relative": float(change.relative_values[i]),
                         "nearest": [[t, c] for t, c in named],
                     }

@@ -12,7 +12,12 @@ Which kind of model a name is:
 | `hf-hub:<org>/<name>` (e.g. BiomedCLIP) | `open_clip.create_model_from_pretrained` and `open_clip.get_tokenizer` |
 | a folder with `open_clip_config.json`, or `local-dir:<folder>` | the same, from the folder (open_clip's Hub layout: `open_clip_config.json` + `open_clip_model.safetensors` or `open_clip_pytorch_model.bin`, plus the tokenizer files of a Hugging Face text tower) |
 | an OpenCLIP architecture (`ViT-B-16`) with `pretrained` (a tag such as `openai`, or a weights file) | `open_clip.create_model_from_pretrained(name, pretrained)` |
+| `peft-svd/builtin` (`peft_svd.builtin.MODEL_NAME`), or the shipped model's folder | transformers, from the folder of this installation |
 | anything else: a Hub id or a folder with `config.json` | transformers' `AutoModel`, `AutoTokenizer`, `AutoImageProcessor` |
+
+`adapt(model, config)` and `load_adapter(model, folder)` wrap a loaded model with PEFT for training
+and for use. `portable_name(name)` is the name an adapter records for its base model: `peft-svd/builtin` for the
+shipped model (wherever it is installed), a Hub id as it is, else the path given.
 
 OpenCLIP's tokenizers pad every prompt to the model's context (77 tokens, 256 for BiomedCLIP).
 Where that padding cannot change the features, the prompts are cut to the longest one: text
@@ -22,8 +27,10 @@ shorter sequence with the matching slice of their positional embedding and causa
 towers (bidirectional ones pooled at the last position, as SigLIP's) get the full context.
 """
 
+import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +80,17 @@ def _import_open_clip():
     return open_clip
 
 
+def portable_name(name_or_path: str) -> str:
+    """Returns the name to record as an adapter's `base_model_name_or_path` (and in its run record
+    and model card) for the model loaded from `name_or_path`: `peft_svd.builtin.MODEL_NAME` for the
+    model shipped with peft-svd, given by that name or by any path to its folder (an absolute path
+    inside one installation means nothing on another machine or on the Hub); anything else (a Hub
+    id, an `hf-hub:` name, another folder) as given. `load_dual_encoder` accepts the result."""
+    from peft_svd import builtin
+
+    return builtin.MODEL_NAME if builtin.is_model(name_or_path) else name_or_path
+
+
 def is_open_clip_name(name: str, pretrained: str | None = None) -> bool:
     """Returns whether `name` (with `pretrained`) designates an OpenCLIP model (see the module table)."""
     if name.startswith((_HF_HUB_PREFIX, _LOCAL_DIR_PREFIX)) or pretrained is not None:
@@ -85,18 +103,26 @@ def load_dual_encoder(name: str, *, pretrained: str | None = None) -> DualEncode
 
     Args:
         name: `hf-hub:<org>/<name>`, an OpenCLIP checkpoint folder (or `local-dir:<folder>`), an
-            OpenCLIP architecture name (with `pretrained`), or a transformers Hub id or folder.
+            OpenCLIP architecture name (with `pretrained`), a transformers Hub id or folder, or
+            `peft-svd/builtin` for the model shipped with peft-svd.
         pretrained: OpenCLIP pretrained tag or weights file, only with an architecture name.
 
     Returns:
-        A `DualEncoder`; for OpenCLIP models `model.name_or_path` is set to `name`, so that PEFT
-        records it as the adapter's `base_model_name_or_path` as it does for transformers models.
+        A `DualEncoder` whose `name` is `portable_name(name)`; `model.name_or_path` is set to it, so
+        that PEFT records it as the adapter's `base_model_name_or_path` (OpenCLIP models have no
+        such attribute of their own; the shipped model's is its folder).
 
     Raises:
         ImportError: an OpenCLIP model without open_clip installed.
         ValueError: `pretrained` with a name that carries its own weights, or an OpenCLIP
             architecture name without `pretrained`.
     """
+    from peft_svd import builtin
+
+    if builtin.is_model(name):
+        if pretrained is not None:
+            raise ValueError(f"--pretrained is for OpenCLIP architecture names; {name!r} is the built-in model")
+        return _load_transformers(builtin.model_path(), record_as=builtin.MODEL_NAME)
     if not is_open_clip_name(name, pretrained):
         if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
             raise ValueError(
@@ -125,12 +151,17 @@ def _open_clip_if_architecture(name: str):
     return open_clip if name in open_clip.list_models() else None
 
 
-def _load_transformers(name: str) -> DualEncoder:
+def _load_transformers(name: str, record_as: str | None = None) -> DualEncoder:
+    """Loads a transformers model from `name`, recorded (`name_or_path`) as `record_as` if given."""
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name)
     image_processor = AutoImageProcessor.from_pretrained(name)
     model = AutoModel.from_pretrained(name)
+    if record_as is not None:
+        model.name_or_path = record_as  # what PEFT records as base_model_name_or_path
+        model.config.name_or_path = record_as  # what PEFT's own model card records as base_model
+        name = record_as
     return DualEncoder(model, tokenizer, image_processor, name=name, library="transformers")
 
 
@@ -349,12 +380,264 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return _base_model(model).encode_image(pixel_values)
 
 
+@contextlib.contextmanager
+def _peft_wrapping():
+    # PEFT 0.21's PeftModel reads transformers' `is_gradient_checkpointing`, which transformers 5
+    # deprecates in favour of `is_activation_checkpointing` (a FutureWarning at every wrap, that the
+    # user can do nothing about). Only that warning is ignored, only while PEFT wraps the model.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def adapt(model: torch.nn.Module, config, **kwargs):
+    """Returns `peft.get_peft_model(model, config, **kwargs)`: the model of a `DualEncoder` with a new
+    adapter (e.g. `peft_svd.SVDConfig()`), ready to train."""
+    from peft import get_peft_model
+
+    with _peft_wrapping():
+        return get_peft_model(model, config, **kwargs)
+
+
+def load_adapter(model: torch.nn.Module, adapter: str, **kwargs):
+    """Returns `peft.PeftModel.from_pretrained(model, adapter, **kwargs)`: the model of a
+    `DualEncoder` with a saved adapter (folder or Hub id). Import `peft_svd` first for SVD adapters."""
+    from peft import PeftModel
+
+    with _peft_wrapping():
+        return PeftModel.from_pretrained(model, adapter, **kwargs)
+
+
 def read_adapter_base(adapter: str) -> tuple[str | None, str | None]:
     """Returns `(base_model_name_or_path, revision)` recorded in a local adapter folder's
-    adapter_config.json, `(None, None)` if there is none."""
+    adapter_config.json, `(None, None)` if there is none. `load_dual_encoder(name, pretrained=revision)`
+    loads that base model (`peft-svd/builtin` included)."""
     path = os.path.join(adapter, "adapter_config.json")
     if not os.path.isfile(path):
         return None, None
     with open(path) as f:
         config = json.load(f)
     return config.get("base_model_name_or_path"), config.get("revision")
+
+
+# -- Where the parts of a dual encoder are: blocks, attention heads, projections, joint space. ----
+
+
+@dataclass
+class Projection:
+    """One weight matrix of a transformer block.
+
+    Attributes:
+        module: the `nn.Linear` holding it (an SVD layer once adapted), or, for a packed q/k/v
+            projection that is not adapted, the attention module with its `in_proj_weight`.
+        rows: the rows of that weight which are this matrix (q, k or v of a packed projection),
+            or None for the whole weight.
+    """
+
+    module: torch.nn.Module
+    rows: slice | None = None
+
+    def base_weight(self) -> torch.Tensor:
+        """The matrix's current base weight, (out, in) (without any unmerged adapter)."""
+        module = self.module
+        if hasattr(module, "get_base_layer"):
+            module = module.get_base_layer()
+        weight = module.weight if hasattr(module, "weight") else module.in_proj_weight
+        return weight if self.rows is None else weight[self.rows]
+
+
+@dataclass
+class BlockLayout:
+    """The adapted matrices of one transformer block and its number of attention heads.
+
+    `q`, `k`, `v` write one slice of `head_dim` rows per head; `out` reads the concatenated heads
+    (one slice of columns per head); `fc_in` / `fc_out` are the MLP's two matrices.
+    """
+
+    index: int
+    num_heads: int
+    q: Projection
+    k: Projection
+    v: Projection
+    out: Projection
+    fc_in: Projection
+    fc_out: Projection
+
+    def projections(self) -> dict[str, Projection]:
+        """The matrices by their role, in the order a block computes them."""
+        return {"q_proj": self.q, "k_proj": self.k, "v_proj": self.v, "out_proj": self.out,
+                "fc1": self.fc_in, "fc2": self.fc_out}  # fmt: skip
+
+
+@dataclass
+class EncoderLayout:
+    """One tower of a dual encoder.
+
+    Attributes:
+        name: "vision" or "text".
+        blocks: the transformer blocks, input first.
+        norm: the layer norm applied to the pooled token before the projection into the joint
+            space, or None (no final norm).
+        projection: (joint_dim, hidden) weight of the linear map from the pooled token into the
+            joint image-text space, or None when that map is not linear (attention pooling, MLP
+            heads); naming residual-stream directions needs it.
+    """
+
+    name: str
+    blocks: list[BlockLayout]
+    norm: torch.nn.Module | None
+    projection: torch.Tensor | None
+
+
+def _num_heads_of(attention, config=None) -> int:
+    for holder in (attention, config):
+        for attr in ("num_heads", "num_attention_heads"):
+            value = getattr(holder, attr, None)
+            if isinstance(value, int):
+                return value
+    raise ValueError(f"cannot tell how many heads {type(attention).__name__} has (no num_heads attribute)")
+
+
+def _packed(holder, name: str) -> tuple[Projection, Projection, Projection]:
+    """q, k, v of a packed projection: `holder.<name>` (a Linear, or the SVD layer adapting it) or,
+    for an unadapted nn.MultiheadAttention, its `in_proj_weight`."""
+    module = holder._modules.get(name) if name in holder._modules else getattr(holder, name, None)
+    if module is None:  # nn.MultiheadAttention / OpenCLIP Attention without the adapted in_proj part
+        module = holder.get_base_layer() if hasattr(holder, "get_base_layer") else holder
+        width = module.in_proj_weight.shape[1]
+    else:
+        width = module.in_features
+    return tuple(Projection(module, slice(i * width, (i + 1) * width)) for i in range(3))
+
+
+def _linear_weight(projection) -> torch.Tensor | None:
+    """(joint_dim, hidden) weight of a projection into the joint space: an nn.Linear (bias-free
+    or not, the bias does not depend on the written direction) or an OpenCLIP `(hidden, joint_dim)`
+    parameter used as `x @ proj`; None for anything else."""
+    if isinstance(projection, torch.nn.Linear):
+        return projection.weight
+    if isinstance(projection, torch.nn.Sequential):  # OpenCLIP TimmModel head: (dropout, Linear)
+        linears = [m for m in projection if isinstance(m, torch.nn.Linear)]
+        others = [m for m in projection if not isinstance(m, (torch.nn.Linear, torch.nn.Dropout, torch.nn.Identity))]
+        return linears[0].weight if len(linears) == 1 and not others else None
+    if torch.is_tensor(projection) and projection.ndim == 2:
+        return projection.T
+    return None
+
+
+def _transformers_layouts(base) -> dict[str, EncoderLayout]:
+    layouts = {}
+    for name, tower_attr, norm_attr, projection_attr in (
+        ("vision", "vision_model", "post_layernorm", "visual_projection"),
+        ("text", "text_model", "final_layer_norm", "text_projection"),
+    ):
+        tower = getattr(base, tower_attr, None)
+        if tower is None or not hasattr(getattr(tower, "encoder", None), "layers"):
+            continue
+        config = getattr(tower, "config", None)
+        blocks = []
+        for index, layer in enumerate(tower.encoder.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            blocks.append(BlockLayout(
+                index, _num_heads_of(attention, config),
+                Projection(attention.q_proj), Projection(attention.k_proj), Projection(attention.v_proj),
+                Projection(attention.out_proj), Projection(mlp.fc1), Projection(mlp.fc2),
+            ))  # fmt: skip
+        projection = getattr(base, projection_attr, None)
+        layouts[name] = EncoderLayout(
+            name, blocks, getattr(tower, norm_attr, None), None if projection is None else _linear_weight(projection)
+        )
+    return layouts
+
+
+def _open_clip_resblocks(transformer) -> list[BlockLayout]:
+    blocks = []
+    for index, block in enumerate(transformer.resblocks):
+        attention = block.attn
+        q, k, v = _packed(attention, "in_proj")
+        blocks.append(BlockLayout(
+            index, _num_heads_of(attention), q, k, v, Projection(attention.out_proj),
+            Projection(block.mlp.c_fc), Projection(block.mlp.c_proj),
+        ))  # fmt: skip
+    return blocks
+
+
+def _open_clip_layouts(base) -> dict[str, EncoderLayout]:
+    layouts = {}
+    visual = getattr(base, "visual", None)
+    if hasattr(getattr(visual, "transformer", None), "resblocks"):  # OpenCLIP's VisionTransformer
+        linear = getattr(visual, "attn_pool", None) is None
+        layouts["vision"] = EncoderLayout(
+            "vision", _open_clip_resblocks(visual.transformer), getattr(visual, "ln_post", None),
+            _linear_weight(visual.proj) if linear and visual.proj is not None else None,
+        )
+    elif hasattr(getattr(getattr(visual, "trunk", None), "blocks", None), "__len__"):  # timm trunk (BiomedCLIP)
+        trunk = visual.trunk
+        blocks = []
+        for index, block in enumerate(trunk.blocks):
+            attention = block.attn
+            q, k, v = _packed(attention, "qkv")
+            blocks.append(BlockLayout(
+                index, _num_heads_of(attention), q, k, v, Projection(attention.proj),
+                Projection(block.mlp.fc1), Projection(block.mlp.fc2),
+            ))  # fmt: skip
+        fc_norm = getattr(trunk, "fc_norm", None)
+        norm = fc_norm if isinstance(fc_norm, torch.nn.LayerNorm) else getattr(trunk, "norm", None)
+        token_pooled = getattr(trunk, "global_pool", "token") in ("token", "avg", "") and getattr(trunk, "attn_pool", None) is None
+        head = getattr(visual, "head", None)
+        layouts["vision"] = EncoderLayout(
+            "vision", blocks, norm if isinstance(norm, torch.nn.LayerNorm) else None,
+            _linear_weight(head) if token_pooled and head is not None else None,
+        )
+    text = _text_tower(base)
+    if hasattr(getattr(text, "transformer", None), "resblocks"):  # OpenAI-style causal text tower
+        layouts["text"] = EncoderLayout(
+            "text", _open_clip_resblocks(text.transformer), getattr(text, "ln_final", None),
+            None if getattr(text, "text_projection", None) is None else _linear_weight(text.text_projection),
+        )
+    elif hasattr(getattr(getattr(text, "transformer", None), "encoder", None), "layer"):  # Hugging Face (BERT) tower
+        blocks = []
+        for index, layer in enumerate(text.transformer.encoder.layer):
+            attention = layer.attention
+            blocks.append(BlockLayout(
+                index, _num_heads_of(attention.self, text.transformer.config),
+                Projection(attention.self.query), Projection(attention.self.key), Projection(attention.self.value),
+                Projection(attention.output.dense), Projection(layer.intermediate.dense), Projection(layer.output.dense),
+            ))  # fmt: skip
+        # Post-norm blocks end in their own layer norm; the pooled token goes through `proj`.
+        layouts["text"] = EncoderLayout("text", blocks, None, _linear_weight(getattr(text, "proj", None)))
+    return layouts
+
+
+def encoder_layouts(model) -> dict[str, EncoderLayout]:
+    """Returns the towers of a (possibly PEFT-wrapped, adapted or not) dual encoder by name
+    ("vision", "text"): their blocks with each block's q, k, v, output and MLP matrices and number
+    of heads, the final norm and the projection into the joint space. Known layouts: transformers
+    CLIP (`vision_model` / `text_model`), OpenCLIP's `CLIP` (VisionTransformer and causal text
+    transformer), and OpenCLIP's `CustomTextCLIP` with a timm image trunk and a Hugging Face text
+    tower (BiomedCLIP).
+
+    Raises:
+        ValueError: the model has none of these layouts.
+    """
+    base = _base_model(model)
+    if hasattr(base, "vision_model") or hasattr(base, "text_model"):
+        layouts = _transformers_layouts(base)
+    else:
+        layouts = _open_clip_layouts(base)
+    if not layouts:
+        raise ValueError(
+            f"{type(base).__name__} has no known dual-encoder layout (transformers CLIP's vision_model / text_model, "
+            "OpenCLIP's visual / transformer or visual.trunk / text); the analysis cannot find its blocks and heads"
+        )
+    return layouts
+
+
+def vocabulary_tokenizer(tokenizer):
+    """Returns the transformers tokenizer behind a `DualEncoder`'s tokenizer (itself for transformers
+    models, the Hugging Face tokenizer of an OpenCLIP text tower such as BiomedCLIP's), to look words
+    up in its vocabulary; None for OpenCLIP's byte-level BPE tokenizer, which knows every word."""
+    if isinstance(tokenizer, OpenCLIPTokenizer):
+        inner = getattr(tokenizer.tokenizer, "tokenizer", None)
+        return inner if hasattr(inner, "unk_token_id") else None
+    return tokenizer
