@@ -253,8 +253,10 @@ def read_run(path: str) -> dict | None:
 
 def check_same_settings(job: Job, summary: dict, args) -> None:
     """Raises SystemExit when a finished run on disk was made with another model or step cap."""
+    from peft_svd.fewshot.models import portable_name
+
     recorded = (summary.get("model"), summary.get("recipe", {}).get("max_steps"))
-    if recorded != (args.model, args.max_steps):
+    if recorded != (portable_name(args.model), args.max_steps):
         raise SystemExit(
             f"error: {job.output} holds a finished run with --model {recorded[0]} and --max-steps {recorded[1]}, not "
             f"{args.model} and {args.max_steps}; use another --output-dir so that the table does not mix them"

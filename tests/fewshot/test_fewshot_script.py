@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -243,8 +244,9 @@ def test_push_to_hub_offline_is_refused_before_training(fewshot, capsys, monkeyp
 
 
 def test_recipe_follows_the_dataset_and_flags_override_it(fewshot):
-    def recipe(name, *flags):
-        return fewshot.build_recipe(fewshot.parse_args(list(flags)), name)
+    def recipe(name, *flags, augmentation=None):
+        data = types.SimpleNamespace(name=name, augmentation=augmentation)  # what build_recipe reads of a dataset
+        return fewshot.build_recipe(fewshot.parse_args(list(flags)), data)
 
     natural = recipe("eurosat")
     assert (natural.lr, natural.weight_decay, natural.epochs, natural.iters_per_shot) == (5e-4, 0.01, None, 200)
@@ -255,6 +257,25 @@ def test_recipe_follows_the_dataset_and_flags_override_it(fewshot):
     assert recipe("BTMRI", "--recipe", "natural").lr == 5e-4
     with pytest.raises(SystemExit, match="no biomedical recipe for dataset 'eurosat'"):
         recipe("eurosat", "--recipe", "biomedical")
+
+
+def test_augmentation_fits_the_dataset_and_flags_override_it(fewshot):
+    def recipe(*flags, augmentation=None):
+        data = types.SimpleNamespace(name="anything", augmentation=augmentation)
+        r = fewshot.build_recipe(fewshot.parse_args(list(flags)), data)
+        return r.augmentation, r.crop_scale, r.flip
+
+    assert recipe() == ("natural", (0.08, 1.0), True)  # photographs: the paper's
+    assert recipe(augmentation="glyph") == ("glyph", (0.5, 1.0), False)  # a dataset that says it holds glyphs
+    assert recipe("--augment", "none", augmentation="glyph") == ("none", (1.0, 1.0), False)
+    assert recipe("--no-flip") == ("custom", (0.08, 1.0), False)
+    assert recipe("--augment", "glyph", "--crop-scale", "0.5", "1", "--no-flip") == ("glyph", (0.5, 1.0), False)
+    assert recipe("--crop-scale", "0.3", "0.9", augmentation="glyph") == ("custom", (0.3, 0.9), False)
+    # every preset of the library is a choice of the script (listed there so that --help imports nothing heavy)
+    from peft_svd.fewshot import data as fsdata
+
+    for name in fsdata.AUGMENTATIONS:
+        assert recipe("--augment", name)[0] == name
 
 
 def test_template_without_placeholder_is_refused_before_anything_loads(fewshot, capsys):
