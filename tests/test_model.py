@@ -93,9 +93,9 @@ def test_save_writes_only_singular_value_vectors_and_fingerprints(tmp_path):
     model.save_pretrained(tmp_path)
     state = load_file(tmp_path / "adapter_model.safetensors")
     n_layers = len(list(iter_svd_layers(model)))
-    assert len(state) == 2 * n_layers
+    assert len(state) == 2 * n_layers + 1  # plus one fingerprint of the rest of the base model
     suffixes = {k.rsplit(".", 1)[-1] for k in state}
-    assert suffixes == {"svd_delta", "svd_fingerprint"}
+    assert suffixes == {"svd_delta", "svd_fingerprint", "svd_model_fingerprint"}
     assert not any(k.endswith(("svd_U", "svd_S", "svd_Vh")) or "base_layer" in k for k in state)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "SVD"
