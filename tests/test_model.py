@@ -2,19 +2,16 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import NoMatchingPeftModuleError
 from safetensors.torch import load_file
-from torch import nn
-from tiny_models import MLP, clip_inputs, tiny_clip, tiny_clip_config
 
 import peft_svd
 from peft_svd import SVDConfig, iter_svd_layers
+from tiny_models import MLP, clip_inputs, tiny_clip
 
 CLIP_TARGETS = {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
 
@@ -385,7 +382,7 @@ def test_factor_cache_makes_second_load_skip_decomposition(tmp_path, monkeypatch
 
     monkeypatch.setattr(fz, "factorize", boom)
     second = get_peft_model(tiny_clip(), SVDConfig(factor_cache_dir=str(tmp_path / "cache")))
-    for (_, a), (_, b) in zip(iter_svd_layers(first), iter_svd_layers(second)):
+    for (_, a), (_, b) in zip(iter_svd_layers(first), iter_svd_layers(second), strict=True):
         assert torch.equal(a.svd_U, b.svd_U)
 
 

@@ -53,8 +53,21 @@ SVD_CASES = textwrap.dedent(
     """
 )
 
-# Test (name or name[case id] prefix) -> why the method does not meet it, by design.
-DELIBERATE: dict[str, str] = {}
+# Test name (all its cases) or a prefix of `name[case id]` -> why the method does not meet it, by design.
+_FRESH_BASE = (
+    "loads the saved adapter onto a second, freshly (differently) initialised MLP: refused by design "
+    "(verify_base_model), since singular-value changes mean nothing on other weights"
+)
+_RANDOM_START = (
+    "case 6 asks for a random start (init_weights=False), while this test takes the config's start to be the "
+    "identity; the cases with the default init_weights=True pass it"
+)
+DELIBERATE: dict[str, str] = {
+    "test_loading_model_requires_grad_set_correctly": _FRESH_BASE,
+    "test_loading_model_with_modules_to_save_requires_grad_set_correctly": _FRESH_BASE,
+    "test_disable_adapters[Vanilla MLP 6 SVD": _RANDOM_START,
+    "test_disable_adapters_with_merging[Vanilla MLP 6 SVD": _RANDOM_START,
+}
 
 
 def _cache_dir() -> Path:
@@ -125,7 +138,7 @@ def _battery_package(tests: Path, root: Path) -> Path:
             def pytest_collection_modifyitems(config, items):
                 for item in items:
                     for key, reason in DELIBERATE.items():
-                        if item.name == key or item.name.startswith(key + "[") or item.name.startswith(key):
+                        if item.name == key or item.name.startswith(key if "[" in key else key + "["):
                             item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
             """
         )
@@ -147,3 +160,4 @@ def test_peft_generic_tuner_battery(tmp_path):
     summary = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 0, "\n".join(summary[-80:])
     assert " passed" in summary[-1], summary[-1]
+    print(f"peft {PEFT_VERSION} battery: {summary[-1]}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Any, NamedTuple, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,8 @@ class SVDLayer(BaseTunerLayer):
         # Plain tensor attributes, not buffers: they never enter a state dict, DDP does not
         # broadcast them every step and FSDP does not shard them; `_apply` moves them with the
         # module (keeping float32).
-        self.svd_S: Optional[torch.Tensor] = None
-        self.svd_Vh: Optional[torch.Tensor] = None
+        self.svd_S: torch.Tensor | None = None
+        self.svd_Vh: torch.Tensor | None = None
         self._svd_U_blocks: tuple[torch.Tensor, ...] = ()
         # (row_start, row_end, rank_start, rank_end) of each output block
         self._blocks: tuple[tuple[int, int, int, int], ...] = ()
@@ -62,7 +62,7 @@ class SVDLayer(BaseTunerLayer):
             )
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        self.out_splits: Optional[tuple[int, ...]] = None
+        self.out_splits: tuple[int, ...] | None = None
         self._blocks = _block_layout(self.out_features, self.in_features, None)
         self._register_load_state_dict_pre_hook(self._check_on_load, with_module=False)
 
@@ -76,7 +76,7 @@ class SVDLayer(BaseTunerLayer):
         return self.svd_S is not None
 
     @property
-    def svd_U(self) -> Optional[torch.Tensor]:
+    def svd_U(self) -> torch.Tensor | None:
         """Left singular vectors `(out, R)`, float32; block-diagonal for a weight split in output blocks.
 
         A split weight keeps only its `(rows, rank)` blocks; this matrix is assembled from them on
@@ -164,10 +164,10 @@ class SVDLayer(BaseTunerLayer):
         if len(self._svd_U_blocks) == 1:
             return (self._svd_U_blocks[0] * delta) @ Vh
         return torch.cat(
-            [(U * delta[c0:c1]) @ Vh[c0:c1] for U, (_, _, c0, c1) in zip(self._svd_U_blocks, self._blocks)]
+            [(U * delta[c0:c1]) @ Vh[c0:c1] for U, (_, _, c0, c1) in zip(self._svd_U_blocks, self._blocks, strict=True)]
         )
 
-    def adapted_weight(self, delta: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def adapted_weight(self, delta: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The adapted weight `W + U diag(delta) Vh` `(out_features, in_features)`.
 
         The one place where the layer's weight is changed: merge (`+delta`), unmerge (`-delta`), the
@@ -183,7 +183,7 @@ class SVDLayer(BaseTunerLayer):
         """`U diag(delta) Vh` `(out_features, in_features)` of one adapter, in the base weight's dtype."""
         return self.delta_weight(self.svd_delta[adapter_name]).to(self.get_base_layer().weight.dtype)
 
-    def current_weight(self) -> Optional[torch.Tensor]:
+    def current_weight(self) -> torch.Tensor | None:
         """The weight the active adapters make this layer compute with now, or None if they add nothing.
 
         None when adapters are disabled, merged into `W`, or none of the active ones is on this
@@ -246,7 +246,9 @@ class SVDLayer(BaseTunerLayer):
                 )
                 if self.verify_base_model:
                     raise ValueError(message)
-                warnings.warn(message.split(" Load the adapter")[0] + " Loading anyway (verify_base_model=False).")
+                warnings.warn(
+                    message.split(" Load the adapter")[0] + " Loading anyway (verify_base_model=False).", stacklevel=2
+                )
                 # keep the fingerprint of the weights it is now attached to
                 state_dict[key] = current.clone()
 
@@ -294,7 +296,7 @@ class _WeightCache:
             return False
         if len(deltas) != len(self.deltas):
             return False
-        for d, ref, state in zip(deltas, self.deltas, self.states):
+        for d, ref, state in zip(deltas, self.deltas, self.states, strict=True):
             if d is not ref or state != (d._version, d.data_ptr()):
                 return False
         return not (torch.is_grad_enabled() and self.value.is_inference())
@@ -417,7 +419,7 @@ class _FactoredSVDLinear(torch.autograd.Function):
         if len(U_blocks) == 1:
             y = _scaled_up(h, s, U_blocks[0], dtype, b)
         else:
-            y = torch.cat([_scaled_up(h[..., c0:c1], s[c0:c1], U, dtype) for U, (_, _, c0, c1) in zip(U_blocks, blocks)], -1)
+            y = torch.cat([_scaled_up(h[..., c0:c1], s[c0:c1], U, dtype) for U, (_, _, c0, c1) in zip(U_blocks, blocks, strict=True)], -1)
             if b is not None:
                 y = y + b
         ctx.save_for_backward(h, s, Vh)
@@ -435,7 +437,7 @@ class _FactoredSVDLinear(torch.autograd.Function):
         if len(ctx.U_blocks) == 1:
             a = g @ _cast(ctx.U_blocks[0], dtype)
         else:
-            a = torch.cat([g[..., r0:r1] @ _cast(U, dtype) for U, (r0, r1, _, _) in zip(ctx.U_blocks, ctx.blocks)], -1)
+            a = torch.cat([g[..., r0:r1] @ _cast(U, dtype) for U, (r0, r1, _, _) in zip(ctx.U_blocks, ctx.blocks, strict=True)], -1)
         rank = a.shape[-1]
         grad_x = grad_delta = grad_bias = None
         if ctx.needs_input_grad[1]:
@@ -481,10 +483,10 @@ class Linear(nn.Module, SVDLayer):
             self._weight_cache = None
         return super().train(mode)
 
-    def _names_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
+    def _names_to_merge(self, adapter_names: list[str] | None) -> list[str]:
         return [name for name in check_adapters_to_merge(self, adapter_names) if name in self.svd_delta]
 
-    def check_merge(self, adapter_names: Optional[list[str]] = None, layer_name: str = "") -> None:
+    def check_merge(self, adapter_names: list[str] | None = None, layer_name: str = "") -> None:
         """Raise if merging the given (default: active) adapters would give a weight with NaN or inf.
 
         Builds the merged weight on the side and changes nothing; the model checks every layer this
@@ -502,7 +504,7 @@ class Linear(nn.Module, SVDLayer):
                 "nothing was merged."
             )
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add `U diag(delta) Vh` of the given (default: active) adapters to the base weight.
 
         Args:
@@ -525,7 +527,7 @@ class Linear(nn.Module, SVDLayer):
     def unmerge(self) -> None:
         """Subtract every merged adapter again (exact up to float rounding)."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base_layer = self.get_base_layer()
         with torch.no_grad():
@@ -640,7 +642,7 @@ class Linear(nn.Module, SVDLayer):
         return "svd." + super().__repr__()
 
 
-def dispatch_default(target: nn.Module, adapter_name: str, config: SVDConfig, **kwargs) -> Optional[nn.Module]:
+def dispatch_default(target: nn.Module, adapter_name: str, config: SVDConfig, **kwargs) -> nn.Module | None:
     """Wrap `target` if it is an `nn.Linear`, else return None."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if isinstance(base, nn.Linear):

@@ -8,9 +8,9 @@ import warnings
 from contextlib import contextmanager
 from functools import partial
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, NoMatchingPeftModuleError
 from peft.utils import _get_submodules
-import torch
 from torch import nn
 
 from ._registry import PREFIX
@@ -273,7 +273,7 @@ class SVDModel(BaseTuner):
                 layer.set_factors(f)
         anchor = _anchor_layer(model, adapter_name)
         if anchor is not None and adapter_name not in anchor.svd_model_fingerprint:
-            anchor.svd_model_fingerprint[adapter_name] = model_fingerprint(_unadapted_parameters(model))
+            anchor.svd_model_fingerprint[adapter_name] = model_fingerprint(_unadapted_parameters(model, adapter_name))
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -388,9 +388,13 @@ def _anchor_layer(model: nn.Module, adapter_name: str) -> SVDLayer | None:
     return next((layer for _, layer in iter_svd_layers(model) if adapter_name in layer.svd_delta), None)
 
 
-def _unadapted_parameters(model: nn.Module) -> list[torch.Tensor]:
-    """Floating parameters of the base model apart from the adapted weights, the adapters and trainable copies."""
-    adapted = {id(layer.get_base_layer().weight) for _, layer in iter_svd_layers(model)}
+def _unadapted_parameters(model: nn.Module, adapter_name: str) -> list[torch.Tensor]:
+    """Floating parameters of the base model apart from the weights `adapter_name` adapts, adapters and copies.
+
+    Weights adapted only by other adapters count as the base model's: the set does not depend on
+    which other adapters the model holds.
+    """
+    adapted = {id(layer.get_base_layer().weight) for _, layer in iter_svd_layers(model) if adapter_name in layer.svd_delta}
     return [
         p
         for name, p in model.named_parameters()
