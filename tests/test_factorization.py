@@ -42,7 +42,7 @@ def test_batches_of_many_shapes_match_one_by_one():
     torch.manual_seed(0)
     ws = [torch.randn(12, 8), torch.randn(8, 12), torch.randn(12, 8), torch.randn(5, 5, dtype=torch.float64)]
     together = factorize(ws)
-    for w, f in zip(ws, together):
+    for w, f in zip(ws, together, strict=True):
         (alone,) = factorize([w])
         assert torch.allclose(f.S, alone.S)
         assert _recon_error(f, w) <= 1e-6
@@ -87,7 +87,7 @@ def test_cache_hit_skips_decomposition_and_changed_weight_misses(tmp_path, monke
 
     monkeypatch.setattr(fz, "factorize", boom)
     second = factorize_cached(ws, cache_dir=tmp_path)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.Vh, b.Vh)
 
     # a changed weight has another key: its factors are computed, never the stale ones served
@@ -121,3 +121,46 @@ def test_weight_key_depends_on_content_dtype_and_splits():
     w2 = w.clone()
     w2[3, 3] = 1.0000001
     assert weight_key(w) != weight_key(w2)
+
+
+def test_damaged_cache_file_is_recomputed_and_rewritten(tmp_path):
+    torch.manual_seed(0)
+    w = torch.randn(9, 6)
+    (first,) = factorize_cached([w], cache_dir=tmp_path)
+    path = tmp_path / f"{weight_key(w)}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0xFF  # flip bits of the last tensor's bytes
+    path.write_bytes(bytes(data))
+    assert FactorCache(tmp_path).load(weight_key(w), torch.device("cpu")) is None  # checksum
+    (again,) = factorize_cached([w], cache_dir=tmp_path)
+    assert torch.equal(again.S, first.S) and _recon_error(again, w) <= 1e-6
+    assert FactorCache(tmp_path).load(weight_key(w), torch.device("cpu")) is not None  # rewritten
+
+
+@pytest.mark.parametrize("edit", ["S", "scaled", "other_weight"])
+def test_edited_cache_file_with_a_fresh_checksum_fails_the_probe(tmp_path, edit):
+    torch.manual_seed(0)
+    w = torch.randn(9, 6)
+    (good,) = factorize([w])
+    if edit == "S":  # one singular value changed: the training output would silently differ
+        bad = fz.Factors(U=good.U, S=good.S * torch.tensor([1.0, 1.5, 1, 1, 1, 1]), Vh=good.Vh)
+    elif edit == "scaled":  # the same product, but U no longer orthonormal
+        bad = fz.Factors(U=good.U * 2, S=good.S / 2, Vh=good.Vh)
+    else:
+        (bad,) = factorize([torch.randn(9, 6)])
+    assert fz.factors_fit(w, good) and not fz.factors_fit(w, bad)
+    FactorCache(tmp_path).store(weight_key(w), bad)  # stored the normal way: its checksum is right
+    with pytest.warns(UserWarning, match="do not fit their weights"):
+        (f,) = factorize_cached([w], cache_dir=tmp_path)
+    assert torch.allclose(f.S, good.S) and _recon_error(f, w) <= 1e-6
+
+
+def test_probe_accepts_split_and_half_precision_factors():
+    torch.manual_seed(0)
+    w = torch.randn(12, 4)
+    (split,) = factorize([w], out_splits=[(4, 4, 4)])
+    assert fz.factors_fit(w, split, (4, 4, 4)) and not fz.factors_fit(w, split)
+    half = w.half()
+    (f,) = factorize([half])
+    assert fz.factors_fit(half, f)
+    assert fz.factors_fit(torch.zeros(5, 3), factorize([torch.zeros(5, 3)])[0])

@@ -39,8 +39,12 @@ def test_qkv_is_split_in_three_blocks_with_their_own_singular_values():
         expected = torch.linalg.svdvals(weight[i * D : (i + 1) * D])
         assert torch.allclose(qkv.svd_S[i * D : (i + 1) * D].double(), expected, rtol=1e-6)
     assert not torch.allclose(qkv.svd_S[:D].double(), torch.linalg.svdvals(weight), rtol=1e-3)
-    # U is block-diagonal: q's directions touch only q's rows
+    # U is block-diagonal: q's directions touch only q's rows; the layer keeps only the blocks
     assert qkv.svd_U[D:, :D].abs().max() == 0 and qkv.svd_U[:D, D:].abs().max() == 0
+    assert [tuple(u.shape) for u in qkv._svd_U_blocks] == [(D, D)] * 3
+    d = torch.randn(3 * D, dtype=torch.float64)
+    dense = (qkv.svd_U.double() * d) @ qkv.svd_Vh.double()
+    assert torch.allclose(qkv.delta_weight(d).double(), dense, atol=1e-5)
     # the patch embedding conv is not a target, the proj is a plain (unsplit) matrix
     assert model.base_model.model.blocks[0].attn.proj.out_splits is None
 

@@ -5,7 +5,6 @@ from torch import nn
 
 import peft_svd
 from peft_svd.layer import base_fingerprint, fingerprints_match
-
 from tiny_models import MLP
 
 
@@ -210,3 +209,41 @@ def test_factors_are_not_buffers_and_stay_float32_when_the_model_is_cast():
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(2, 10, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_one_adapted_weight_serves_merge_unmerge_forward_and_delta():
+    model = _adapted().eval()
+    layer = model.base_model.model.lin0
+    delta = layer.svd_delta["default"]
+    w = layer.get_base_layer().weight.detach().clone()
+    reference = w.double() + (layer.svd_U.double() * delta.detach().double()) @ layer.svd_Vh.double()
+    adapted = layer.adapted_weight(delta.detach())
+    assert adapted.shape == w.shape and torch.allclose(adapted.double(), reference, atol=1e-6)
+    assert torch.allclose(layer.get_delta_weight("default").double(), reference - w.double(), atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(layer.current_weight(), adapted)  # the cached weight of evaluation
+        layer.merge()
+        assert torch.equal(layer.get_base_layer().weight, adapted)
+        assert layer.current_weight() is None  # merged: the adapter adds nothing more
+        layer.unmerge()
+        assert torch.allclose(layer.get_base_layer().weight, w, atol=1e-6)
+        with model.disable_adapter():
+            assert layer.current_weight() is None
+    # with gradients, the adapted weight is differentiable in the singular-value change
+    model.train()
+    layer.current_weight().sum().backward()
+    assert delta.grad is not None and delta.grad.abs().sum() > 0
+
+
+def test_tuner_modules_import_no_private_names_of_each_other():
+    import ast
+    from pathlib import Path
+
+    package = Path(peft_svd.__file__).parent
+    tuner = ["__init__.py", "_registry.py", "config.py", "factorization.py", "layer.py", "layer_mha.py", "model.py"]
+    private = []
+    for file in tuner:
+        for node in ast.walk(ast.parse((package / file).read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("peft_svd")):
+                private += [f"{file}: {a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+    assert not private

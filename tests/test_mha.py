@@ -145,8 +145,8 @@ def test_eval_uses_cached_weight_that_follows_in_place_updates():
     x = torch.randn(2, TOKENS, D)
     with torch.no_grad():
         before = model(x)
-        first = wrapper.in_proj._weight_cache[1]
-        assert torch.equal(model(x), before) and wrapper.in_proj._weight_cache[1] is first  # reused
+        first = wrapper.in_proj._weight_cache.value
+        assert torch.equal(model(x), before) and wrapper.in_proj._weight_cache.value is first  # reused
         wrapper.in_proj.svd_delta["default"].add_(0.5)  # what an optimizer step does
         after = model(x)
     assert not torch.allclose(before, after)
@@ -215,7 +215,7 @@ def test_save_load_round_trip_and_wrong_base(tmp_path):
         expected = clip_logits(model, image, text)
     model.save_pretrained(tmp_path)
     state = load_file(tmp_path / "adapter_model.safetensors")
-    assert all(k.endswith(("svd_delta", "svd_fingerprint")) for k in state)
+    assert all(k.endswith(("svd_delta", "svd_fingerprint", "svd_model_fingerprint")) for k in state)
     key = "base_model.model.visual.transformer.resblocks.0.attn.base_layer.in_proj.svd_delta"
     assert state[key].shape == (3 * 24,)
 

@@ -2,19 +2,16 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import NoMatchingPeftModuleError
 from safetensors.torch import load_file
-from torch import nn
-from tiny_models import MLP, clip_inputs, tiny_clip, tiny_clip_config
 
 import peft_svd
 from peft_svd import SVDConfig, iter_svd_layers
+from tiny_models import MLP, clip_inputs, tiny_clip
 
 CLIP_TARGETS = {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
 
@@ -93,9 +90,9 @@ def test_save_writes_only_singular_value_vectors_and_fingerprints(tmp_path):
     model.save_pretrained(tmp_path)
     state = load_file(tmp_path / "adapter_model.safetensors")
     n_layers = len(list(iter_svd_layers(model)))
-    assert len(state) == 2 * n_layers
+    assert len(state) == 2 * n_layers + 1  # plus one fingerprint of the rest of the base model
     suffixes = {k.rsplit(".", 1)[-1] for k in state}
-    assert suffixes == {"svd_delta", "svd_fingerprint"}
+    assert suffixes == {"svd_delta", "svd_fingerprint", "svd_model_fingerprint"}
     assert not any(k.endswith(("svd_U", "svd_S", "svd_Vh")) or "base_layer" in k for k in state)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "SVD"
@@ -388,7 +385,7 @@ def test_factor_cache_makes_second_load_skip_decomposition(tmp_path, monkeypatch
 
     monkeypatch.setattr(fz, "factorize", boom)
     second = get_peft_model(tiny_clip(), SVDConfig(factor_cache_dir=str(tmp_path / "cache")))
-    for (_, a), (_, b) in zip(iter_svd_layers(first), iter_svd_layers(second)):
+    for (_, a), (_, b) in zip(iter_svd_layers(first), iter_svd_layers(second), strict=True):
         assert torch.equal(a.svd_U, b.svd_U)
 
 

@@ -6,7 +6,7 @@ type "SVD". Import it before loading a saved SVD adapter.
 """
 
 from ._registry import SVD_PEFT_TYPE, register
-from .config import SVDConfig
+from .config import SVDConfig, SVDRuntimeConfig
 from .factorization import FactorCache, Factors, factorize
 from .layer import Linear as SVDLinear
 from .layer import SVDLayer
@@ -24,6 +24,7 @@ __all__ = [
     "SVDLayer",
     "SVDLinear",
     "SVDModel",
+    "SVDRuntimeConfig",
     "factorize",
     "iter_svd_layers",
 ]

@@ -2,14 +2,48 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+import warnings
+from dataclasses import InitVar, asdict, dataclass, field
+from typing import Literal
 
 from peft.config import PeftConfig
 
 from ._registry import SVD_PEFT_TYPE
 
 ForwardMode = Literal["auto", "factored", "merged"]
+
+# Settings of the machine that ran a model; older files may hold them, they are never obeyed.
+_RUNTIME_KEYS = ("factorization_device", "factor_cache_dir")
+
+
+@dataclass
+class SVDRuntimeConfig:
+    """Settings of the machine that runs the model: never saved with an adapter, never read from one.
+
+    An adapter file comes from someone else's machine; its cache folder or device mean nothing on
+    yours. These settings apply to the process that creates or loads the adapter (pass them with
+    the config you give to `get_peft_model`, or to `PeftModel.from_pretrained(..., config=cfg)`).
+
+    Args:
+        factorization_device (`str | None`):
+            Where the decomposition runs: `"auto"` (default) uses the GPU when there is one, even
+            if the model is still on the CPU; or any torch device string.
+        factor_cache_dir (`str | None`):
+            Directory of an on-disk factor cache. Factors are looked up by a content hash of each
+            base weight, and a cached file is used only when its checksum and a probe against the
+            weight (`U diag(S) Vh r == W r` for a random `r`) pass; otherwise the factors are
+            recomputed. A folder that cannot be written is a warning, and the factors are kept in
+            memory. `None` (default): no cache.
+    """
+
+    factorization_device: str | None = "auto"
+    factor_cache_dir: str | None = None
+
+    def __post_init__(self):
+        if self.factor_cache_dir is not None and not str(self.factor_cache_dir).strip():
+            raise ValueError(
+                "factor_cache_dir='' names no folder; pass a directory path, or None for no factor cache."
+            )
 
 
 @dataclass
@@ -24,7 +58,7 @@ class SVDConfig(PeftConfig):
     base weight.
 
     Args:
-        target_modules (`Optional[Union[list[str], str]]`):
+        target_modules (`list[str] | str | None`):
             Names of the `nn.Linear` modules to adapt. A list matches module names exactly or by
             suffix (`"q_proj"` matches `"...self_attn.q_proj"`); a string is a regular expression
             matched against the full module name. An attention module with a packed q/k/v
@@ -40,21 +74,21 @@ class SVDConfig(PeftConfig):
             (`query`, `key`, `value`, `attention.output.dense`, `intermediate.dense`,
             `output.dense`), stored as a regular expression. Others raise an error asking for this
             field.
-        exclude_modules (`Optional[Union[list[str], str]]`):
+        exclude_modules (`list[str] | str | None`):
             Names (list: exact or suffix match) or a regular expression of modules not to adapt.
-        layers_to_transform (`Optional[Union[list[int], int]]`):
+        layers_to_transform (`list[int] | int | None`):
             Adapt only the blocks with these indices. Applies when `target_modules` is a list.
-        layers_pattern (`Optional[Union[list[str], str]]`):
+        layers_pattern (`list[str] | str | None`):
             Name of the module list that holds the blocks (e.g. `"layers"`), used with
             `layers_to_transform` when the block index cannot be found automatically.
-        modules_to_save (`Optional[list[str]]`):
+        modules_to_save (`list[str] | None`):
             Modules apart from the adapted layers to train fully and store in the adapter (e.g. a
             freshly initialized classifier head).
         init_weights (`bool`):
             `True` (default): the singular-value change starts at zero, so the adapted model
             equals the base model exactly. `False`: a random change (normal, 10% of the layer's
             root-mean-square singular value), for tests that need a non-identity adapter.
-        out_splits (`Optional[dict[str, list[int]]]`):
+        out_splits (`dict[str, list[int]] | None`):
             For weights that pack several matrices along their output dimension, such as a fused
             query/key/value projection: maps a module name (suffix match) to the row counts of
             its blocks, e.g. `{"qkv": [768, 768, 768]}`. Each block is factorized separately and
@@ -71,21 +105,19 @@ class SVDConfig(PeftConfig):
             the number of tokens. Results agree to float rounding. Without gradients (evaluation)
             the effective weight is built once and reused until the singular values change, so
             inference costs what the base model costs.
-        factorization_device (`Optional[str]`):
-            Where the decomposition runs: `"auto"` (default) uses the GPU when there is one, even
-            if the model is still on the CPU; or any torch device string.
-        factor_cache_dir (`Optional[str]`):
-            Directory of an on-disk factor cache. Factors are looked up by a content hash of each
-            base weight and only used when that hash matches, so a changed base model is never
-            served stale factors. `None` (default): no cache.
         verify_base_model (`bool`):
-            When an adapter is loaded, compare the fingerprint of each base weight stored in the
-            adapter with the weight it is loaded onto, and raise an error naming the first layer
-            that differs (the adapter was trained on another checkpoint). Set to `False` only to
-            load an adapter onto a base model that you know differs.
+            When an adapter is loaded, compare the fingerprints stored in the adapter (one of each
+            adapted base weight, one of the rest of the base model's parameters) with the model it
+            is loaded onto, and raise an error naming the first layer that differs (the adapter was
+            trained on another checkpoint); an adapter with changes for layers the model does not
+            have is refused too. Set to `False` only to load an adapter onto a base model that you
+            know differs (mismatches are then warnings).
+        runtime_config ([`SVDRuntimeConfig`]):
+            Settings of the machine (`factorization_device`, `factor_cache_dir`), never saved. The
+            constructor also takes `factorization_device=` and `factor_cache_dir=` and puts them here.
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": (
@@ -95,19 +127,19 @@ class SVDConfig(PeftConfig):
             )
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "List of module names or a regex of modules not to adapt."},
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None,
         metadata={"help": "Adapt only the blocks with these indices (with a list of target_modules)."},
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None,
         metadata={"help": "Name of the module list holding the blocks, used with layers_to_transform."},
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "Modules apart from the adapted layers to train fully and save with the adapter."},
     )
@@ -117,7 +149,7 @@ class SVDConfig(PeftConfig):
             "help": "True: zero change of the singular values (identity). False: random change, for tests only."
         },
     )
-    out_splits: Optional[dict[str, list[int]]] = field(
+    out_splits: dict[str, list[int]] | None = field(
         default=None,
         metadata={
             "help": (
@@ -131,21 +163,27 @@ class SVDConfig(PeftConfig):
         default="auto",
         metadata={"help": "'auto' (default), 'factored' or 'merged': how trained layers compute their output."},
     )
-    factorization_device: Optional[str] = field(
-        default="auto",
-        metadata={"help": "Device of the decomposition: 'auto' (GPU when available) or a torch device string."},
-    )
-    factor_cache_dir: Optional[str] = field(
-        default=None,
-        metadata={"help": "Directory of an on-disk factor cache keyed by a content hash of each base weight."},
-    )
     verify_base_model: bool = field(
         default=True,
         metadata={"help": "Raise when an adapter is loaded onto a base model whose weights differ."},
     )
+    runtime_config: SVDRuntimeConfig = field(
+        default_factory=SVDRuntimeConfig,
+        metadata={"help": "Settings of the machine (factorization device, factor cache); never saved."},
+    )
+    # constructor shorthands for runtime_config's fields (not fields of the saved config)
+    factorization_device: InitVar[str | None] = None
+    factor_cache_dir: InitVar[str | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, factorization_device=None, factor_cache_dir=None):
         super().__post_init__()
+        if isinstance(self.runtime_config, dict):
+            self.runtime_config = SVDRuntimeConfig(**self.runtime_config)
+        if factorization_device is not None:
+            self.runtime_config.factorization_device = factorization_device
+        if factor_cache_dir is not None:
+            self.runtime_config.factor_cache_dir = factor_cache_dir
+        self.runtime_config.__post_init__()
         self.peft_type = SVD_PEFT_TYPE
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
@@ -169,3 +207,40 @@ class SVDConfig(PeftConfig):
             for name, sizes in self.out_splits.items():
                 if not sizes or any((not isinstance(n, int)) or n <= 0 for n in sizes):
                     raise ValueError(f"out_splits[{name!r}] must be a non-empty list of positive ints, got {sizes!r}.")
+
+    def to_dict(self) -> dict:
+        """The config as saved in adapter_config.json: without the runtime settings."""
+        rv = super().to_dict()
+        rv.pop("runtime_config", None)
+        return rv
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs):
+        """Read adapter_config.json, dropping runtime settings that older files may hold (with a warning)."""
+        loaded = super().from_json_file(path_json_file, **kwargs)
+        defaults = asdict(SVDRuntimeConfig())
+        dropped = {k: loaded.pop(k) for k in _RUNTIME_KEYS if k in loaded}
+        foreign = {k: v for k, v in dropped.items() if v != defaults[k]}
+        if foreign:
+            warnings.warn(
+                f"{path_json_file} holds settings of the machine that wrote it ({foreign}); they are ignored. "
+                "Set them for this machine on the config you load with (config.runtime_config).",
+                stacklevel=2,
+            )
+        return loaded
+
+
+def _runtime_property(name: str) -> property:
+    def get(self):
+        return getattr(self.runtime_config, name)
+
+    def set_(self, value):
+        # the dataclass __init__ never assigns InitVars, so this runs only for assignments by users
+        setattr(self.runtime_config, name, value)
+        self.runtime_config.__post_init__()
+
+    return property(get, set_, doc=f"Shorthand for `runtime_config.{name}`.")
+
+
+for _name in _RUNTIME_KEYS:
+    setattr(SVDConfig, _name, _runtime_property(_name))

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 # Bumped whenever the numbers a cached file holds would change for the same weight.
-_CACHE_FORMAT = "peft-svd-factors-v2"
+_CACHE_FORMAT = "peft-svd-factors-v3"
+# Largest relative error of the probes of cached factors (float32 factors are accurate to ~1e-6).
+_PROBE_TOLERANCE = 1e-4
 # Singular values below this fraction of the largest are not taken from the Gram matrix: its
 # eigenvalue errors (~1e-16 * s_max^2) would leave their vectors inaccurate. Those values come
 # from an SVD of the weight restricted to their subspace, which the Gram route does get right.
@@ -152,7 +155,7 @@ def _decompose_all(
     # largest first, so that no long job starts last
     order = sorted(range(len(blocks)), key=lambda i: -blocks[i].numel() * min(blocks[i].shape))
     workers = max(1, min(torch.get_num_threads(), len(blocks)))
-    with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
+    with intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
         for i, result in pool.map(one, order):
             out[i] = result
             bar.update(1)
@@ -161,7 +164,7 @@ def _decompose_all(
 
 
 @contextmanager
-def _intra_op_threads(n: int):
+def intra_op_threads(n: int):
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -196,7 +199,7 @@ def factorize(
     # every block of every weight (views), decomposed together
     keys: list[tuple[int, int]] = []
     blocks: list[torch.Tensor] = []
-    for wi, (w, splits) in enumerate(zip(weights, out_splits)):
+    for wi, (w, splits) in enumerate(zip(weights, out_splits, strict=True)):
         if w.ndim != 2:
             raise ValueError(f"Expected 2-D weights, got a tensor of shape {tuple(w.shape)}.")
         splits = tuple(splits) if splits else (w.shape[0],)
@@ -209,10 +212,10 @@ def factorize(
             blocks.append(w.detach()[offset : offset + rows])
             keys.append((wi, bi))
             offset += rows
-    results = dict(zip(keys, _decompose_all(blocks, compute_device, progress)))
+    results = dict(zip(keys, _decompose_all(blocks, compute_device, progress), strict=True))
 
     factors = []
-    for wi, (w, splits) in enumerate(zip(weights, out_splits)):
+    for wi, (w, splits) in enumerate(zip(weights, out_splits, strict=True)):
         splits = tuple(splits) if splits else (w.shape[0],)
         parts = [results[(wi, bi)] for bi in range(len(splits))]
         if len(parts) == 1:
@@ -243,45 +246,104 @@ class FactorCache:
     """On-disk cache of factors, one safetensors file per weight, named by the weight's content hash.
 
     A cached file is used only when the hash of the current weight equals its name and the key
-    stored inside it, so a changed weight is never served stale factors.
+    stored inside it, and when the checksum of its tensors stored inside it matches: a changed
+    weight is never served stale factors, and a damaged file is a miss. (`factorize_cached` also
+    probes what it reads against the weight, which catches a file edited with a fresh checksum.)
     """
 
     def __init__(self, directory: str | os.PathLike):
+        if not str(directory).strip():
+            raise ValueError("The factor cache directory is ''; pass a directory path.")
         self.directory = Path(directory).expanduser()
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
 
     def load(self, key: str, device: torch.device) -> Factors | None:
-        """The cached factors for ``key``, or ``None`` if absent or unreadable."""
+        """The cached factors for ``key``, or ``None`` if absent, unreadable or damaged."""
         path = self._path(key)
         if not path.is_file():
             return None
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 meta = f.metadata() or {}
-                if meta.get("key") != key or set(f.keys()) != {"U", "S", "Vh"}:
+                if meta.get("key") != key or meta.get("format") != _CACHE_FORMAT or set(f.keys()) != {"U", "S", "Vh"}:
                     return None
-                return Factors(U=f.get_tensor("U"), S=f.get_tensor("S"), Vh=f.get_tensor("Vh"))
+                factors = Factors(U=f.get_tensor("U"), S=f.get_tensor("S"), Vh=f.get_tensor("Vh"))
         except Exception:  # a truncated or foreign file is a cache miss, not an error
             return None
+        if meta.get("sha256") != _checksum(factors):
+            return None
+        return factors
 
     def store(self, key: str, factors: Factors) -> None:
-        """Write atomically: a crash mid-write leaves no partial file under the final name."""
+        """Write atomically: a crash mid-write leaves no partial file under the final name.
+
+        Raises:
+            OSError: the folder cannot be created or written.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {
             "U": factors.U.detach().cpu().contiguous(),
             "S": factors.S.detach().cpu().contiguous(),
             "Vh": factors.Vh.detach().cpu().contiguous(),
         }
+        checksum = _checksum(Factors(**tensors))
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={"key": key, "format": _CACHE_FORMAT})
+            save_file(tensors, tmp, metadata={"key": key, "format": _CACHE_FORMAT, "sha256": checksum})
             os.replace(tmp, self._path(key))
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def _checksum(factors: Factors) -> str:
+    h = hashlib.sha256()
+    for t in (factors.U, factors.S, factors.Vh):
+        t = t.detach().cpu().contiguous()
+        h.update(json.dumps([str(t.dtype), list(t.shape)]).encode())
+        h.update(t.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def factors_fit(weight: torch.Tensor, factors: Factors, out_splits: Sequence[int] | None = None) -> bool:
+    """Whether ``factors`` are a thin SVD of ``weight``, probed with random vectors (a few products).
+
+    Checks ``U diag(S) Vh r == W r``, that the columns of ``U`` and the rows of each block of ``Vh``
+    are orthonormal, and that ``S`` is finite and non-negative, each to ``_PROBE_TOLERANCE``.
+    """
+    out_f, in_f = weight.shape
+    splits = tuple(out_splits) if out_splits else (out_f,)
+    rank = rank_of(out_f, in_f, splits)
+    if (tuple(factors.U.shape), tuple(factors.S.shape), tuple(factors.Vh.shape)) != ((out_f, rank), (rank,), (rank, in_f)):
+        return False
+    device = factors.S.device
+    w = weight.detach().to(device=device, dtype=torch.float64)
+    U, S, Vh = (t.to(torch.float64) for t in (factors.U, factors.S, factors.Vh))
+    if not (torch.isfinite(S).all() and (S >= 0).all() and torch.isfinite(U).all() and torch.isfinite(Vh).all()):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    r = torch.randn(in_f, 2, generator=gen, dtype=torch.float64).to(device)
+    z = torch.randn(rank, 2, generator=gen, dtype=torch.float64).to(device)
+
+    def close(a, b):
+        return float((a - b).norm()) <= _PROBE_TOLERANCE * max(float(b.norm()), 1e-30)
+
+    wr = w @ r
+    if not close(U @ (S[:, None] * (Vh @ r)), wr):
+        return False
+    if not close(U.mT @ (U @ z), z):
+        return False
+    col = 0
+    for rows in splits:
+        k = min(rows, in_f)
+        vb, zb = Vh[col : col + k], z[col : col + k]
+        if not close(vb @ (vb.mT @ zb), zb):
+            return False
+        col += k
+    return True
 
 
 def factorize_cached(
@@ -291,7 +353,12 @@ def factorize_cached(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> list[Factors]:
-    """:func:`factorize`, reading and filling an on-disk :class:`FactorCache` when ``cache_dir`` is set."""
+    """:func:`factorize`, reading and filling an on-disk :class:`FactorCache` when ``cache_dir`` is set.
+
+    Cached factors are used only when they pass :func:`factors_fit` for their weight; others are
+    recomputed and rewritten. A cache that cannot be written is a warning: the factors are then
+    returned without being stored.
+    """
     out_splits = list(out_splits) if out_splits is not None else [None] * len(weights)
     if cache_dir is None:
         return factorize(weights, out_splits, device=device, progress=progress)
@@ -301,13 +368,33 @@ def factorize_cached(
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
         keys = list(pool.map(weight_key, weights, out_splits))
         hits = list(pool.map(cache.load, keys, [w.device for w in weights]))
-    found = {i: hit for i, hit in enumerate(hits) if hit is not None}
+    found = {
+        i: hit for i, hit in enumerate(hits) if hit is not None and factors_fit(weights[i], hit, out_splits[i])
+    }
+    rejected = sum(hit is not None for hit in hits) - len(found)
+    if rejected:
+        warnings.warn(
+            f"{rejected} cached factor file(s) in {cache.directory} do not fit their weights (damaged or edited); "
+            "they are recomputed and rewritten.",
+            stacklevel=2,
+        )
     missing = [i for i in range(len(weights)) if i not in found]
     if missing:
         computed = factorize(
             [weights[i] for i in missing], [out_splits[i] for i in missing], device=device, progress=progress
         )
-        for i, f in zip(missing, computed):
-            cache.store(keys[i], f)
+        unwritable = None
+        for i, f in zip(missing, computed, strict=True):
             found[i] = f
+            if unwritable is None:
+                try:
+                    cache.store(keys[i], f)
+                except OSError as err:
+                    unwritable = err
+        if unwritable is not None:
+            warnings.warn(
+                f"The factor cache {cache.directory} cannot be written ({unwritable}); the factors are kept in "
+                "memory only. Pass a writable factor_cache_dir, or None for no cache.",
+                stacklevel=2,
+            )
     return [found[i] for i in range(len(weights))]

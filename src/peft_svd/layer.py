@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Any, NamedTuple, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,18 +14,21 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .config import SVDConfig
-from .factorization import Factors, _intra_op_threads, rank_of
+from .factorization import Factors, intra_op_threads, rank_of
 
 
 class SVDLayer(BaseTunerLayer):
     """Singular-value adapter of one linear layer.
 
-    The base weight is factorized once, `W = U diag(S) Vh` (the frozen float32 tensors
-    `svd_U` `(out, R)`, `svd_S` `(R,)`, `svd_Vh` `(R, in)`, shared by every adapter of this
-    layer and recomputed from the base weight rather than saved). An adapter is the vector `svd_delta[name]` `(R,)`: the change of the singular values,
-    so that the adapted weight is `W + U diag(delta) Vh`. Each adapter also stores
+    The base weight is factorized once, `W = U diag(S) Vh` (frozen float32 tensors shared by every
+    adapter of this layer and recomputed from the base weight rather than saved: `svd_S` `(R,)`,
+    `svd_Vh` `(R, in)` and `U` `(out, R)`, which a weight split in output blocks keeps as one
+    `(rows, rank)` matrix per block, see `svd_U`). An adapter is the vector `svd_delta[name]`
+    `(R,)`: the change of the singular values, so that the adapted weight is
+    `W + U diag(delta) Vh` (see [`adapted_weight`]). Each adapter also stores
     `svd_fingerprint[name]`, a few numbers computed from the base weight it was created on, which
-    are checked when the adapter is loaded onto another model.
+    are checked when the adapter is loaded onto another model; one layer per adapter also stores
+    `svd_model_fingerprint[name]`, the same for the rest of the base model.
     """
 
     adapter_layer_names: tuple[str, ...] = ("svd_delta",)
@@ -36,12 +39,15 @@ class SVDLayer(BaseTunerLayer):
         self.svd_delta = nn.ParameterDict({})
         # int64 so that model.half() / .to(dtype) never round the stored float64 values
         self.svd_fingerprint = BufferDict({}, persistent=True)
+        self.svd_model_fingerprint = BufferDict({}, persistent=True)
         # Plain tensor attributes, not buffers: they never enter a state dict, DDP does not
         # broadcast them every step and FSDP does not shard them; `_apply` moves them with the
         # module (keeping float32).
-        self.svd_U: Optional[torch.Tensor] = None
-        self.svd_S: Optional[torch.Tensor] = None
-        self.svd_Vh: Optional[torch.Tensor] = None
+        self.svd_S: torch.Tensor | None = None
+        self.svd_Vh: torch.Tensor | None = None
+        self._svd_U_blocks: tuple[torch.Tensor, ...] = ()
+        # (row_start, row_end, rank_start, rank_end) of each output block
+        self._blocks: tuple[tuple[int, int, int, int], ...] = ()
         self._disable_adapters = False
         self.merged_adapters = []
         self.forward_mode = "auto"
@@ -56,8 +62,9 @@ class SVDLayer(BaseTunerLayer):
             )
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        self.out_splits: Optional[tuple[int, ...]] = None
-        self._register_load_state_dict_pre_hook(self._check_fingerprint_on_load, with_module=False)
+        self.out_splits: tuple[int, ...] | None = None
+        self._blocks = _block_layout(self.out_features, self.in_features, None)
+        self._register_load_state_dict_pre_hook(self._check_on_load, with_module=False)
 
     @property
     def rank(self) -> int:
@@ -66,45 +73,73 @@ class SVDLayer(BaseTunerLayer):
 
     @property
     def has_factors(self) -> bool:
-        return self.svd_U is not None
+        return self.svd_S is not None
+
+    @property
+    def svd_U(self) -> torch.Tensor | None:
+        """Left singular vectors `(out, R)`, float32; block-diagonal for a weight split in output blocks.
+
+        A split weight keeps only its `(rows, rank)` blocks; this matrix is assembled from them on
+        each access (for inspection: the layer computes with the blocks).
+        """
+        if not self._svd_U_blocks:
+            return None
+        if len(self._svd_U_blocks) == 1:
+            return self._svd_U_blocks[0]
+        return torch.block_diag(*self._svd_U_blocks)
 
     def update_layer(self, adapter_name: str, config: SVDConfig, out_splits=None, inference_mode: bool = False):
-        """Add an adapter: a zero (or, with `init_weights=False`, random) singular-value change."""
+        """Add an adapter: a zero (or, with `init_weights=False`, random) singular-value change.
+
+        The vector is created in the base weight's floating dtype (PEFT's convention: `get_peft_model`
+        and `PeftModel` then upcast float16/bfloat16 adapters to float32 unless
+        `autocast_adapter_dtype=False`).
+        """
+        out_splits = tuple(out_splits) if out_splits else None
         if self.svd_delta and out_splits != self.out_splits:
             raise ValueError(
                 f"Adapter {adapter_name!r} splits this layer as {out_splits}, but existing adapters use "
                 f"{self.out_splits}; all adapters of a layer must share its factorization."
             )
-        self.out_splits = tuple(out_splits) if out_splits else None
-        if self.out_splits is not None and sum(self.out_splits) != self.out_features:
+        if out_splits is not None and sum(out_splits) != self.out_features:
             raise ValueError(
-                f"out_splits {list(self.out_splits)} sum to {sum(self.out_splits)}, but the layer has "
+                f"out_splits {list(out_splits)} sum to {sum(out_splits)}, but the layer has "
                 f"{self.out_features} output features."
             )
+        if out_splits != self.out_splits:
+            if self.has_factors:
+                raise ValueError(f"This layer is already factorized as {self.out_splits}, not {out_splits}.")
+            self.out_splits = out_splits
+            self._blocks = _block_layout(self.out_features, self.in_features, out_splits)
         self.forward_mode = config.forward_mode
         self.verify_base_model = config.verify_base_model
 
+        weight = self.get_base_layer().weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         delta = torch.zeros(self.rank, dtype=torch.float32)
         if not config.init_weights:
             # 10% of the root-mean-square singular value, sqrt(sum s^2 / R) = ||W||_F / sqrt(R)
-            weight = self.get_base_layer().weight.detach()
-            rms = float(weight.float().norm()) / math.sqrt(self.rank)
+            rms = float(weight.detach().float().norm()) / math.sqrt(self.rank)
             delta.normal_(0.0, 0.1 * rms)
-        self.svd_delta[adapter_name] = nn.Parameter(delta.to(self.get_base_layer().weight.device))
+        self.svd_delta[adapter_name] = nn.Parameter(delta.to(device=weight.device, dtype=dtype))
         if self.has_factors:
-            self.svd_fingerprint[adapter_name] = base_fingerprint(self.get_base_layer().weight)
+            self.svd_fingerprint[adapter_name] = base_fingerprint(weight)
         self._weight_cache = None
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def set_factors(self, factors: Factors) -> None:
-        """Attach the factorization of the base weight and fingerprint it for every adapter."""
+        """Attach the factorization of the base weight and fingerprint it for every adapter.
+
+        `factors.U` is `(out, R)` (block-diagonal for a split weight: only its diagonal blocks are kept).
+        """
         r = self.rank
         expected = ((self.out_features, r), (r,), (r, self.in_features))
         got = (tuple(factors.U.shape), tuple(factors.S.shape), tuple(factors.Vh.shape))
         if got != expected:
             raise ValueError(f"Factors of shapes {got} do not fit this layer, which needs {expected}.")
         device = self.get_base_layer().weight.device
-        self.svd_U = factors.U.to(device=device, dtype=torch.float32)
+        U = factors.U.to(device=device, dtype=torch.float32)
+        self._svd_U_blocks = tuple(U[r0:r1, c0:c1].contiguous() for r0, r1, c0, c1 in self._blocks)
         self.svd_S = factors.S.to(device=device, dtype=torch.float32)
         self.svd_Vh = factors.Vh.to(device=device, dtype=torch.float32)
         fingerprint = base_fingerprint(self.get_base_layer().weight)
@@ -118,110 +153,163 @@ class SVDLayer(BaseTunerLayer):
         self._require_factors()
         return self.svd_S + self.svd_delta[adapter_name].to(self.svd_S)
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """`U diag(delta) Vh` `(out_features, in_features)` in the base weight's dtype."""
+    def delta_weight(self, delta: torch.Tensor) -> torch.Tensor:
+        """`U diag(delta) Vh` `(out_features, in_features)`, float32, differentiable in `delta` `(R,)`.
+
+        Built one output block at a time, so a split weight never multiplies the zeros between its blocks.
+        """
         self._require_factors()
+        delta = _cast(delta, torch.float32)
+        Vh = self.svd_Vh
+        if len(self._svd_U_blocks) == 1:
+            return (self._svd_U_blocks[0] * delta) @ Vh
+        return torch.cat(
+            [(U * delta[c0:c1]) @ Vh[c0:c1] for U, (_, _, c0, c1) in zip(self._svd_U_blocks, self._blocks, strict=True)]
+        )
+
+    def adapted_weight(self, delta: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The adapted weight `W + U diag(delta) Vh` `(out_features, in_features)`.
+
+        The one place where the layer's weight is changed: merge (`+delta`), unmerge (`-delta`), the
+        forward pass and the attention wrapper all build their weight here. The change is added to
+        `W` in float32, then cast to `dtype` (default: the base weight's dtype). Differentiable in
+        `delta` `(R,)`.
+        """
         weight = self.get_base_layer().weight
-        delta = self.svd_delta[adapter_name].to(self.svd_U.dtype)
-        return ((self.svd_U * delta) @ self.svd_Vh).to(weight.dtype)
+        update = self.delta_weight(delta)
+        return (_cast(weight, update.dtype) + update).to(dtype or weight.dtype)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """`U diag(delta) Vh` `(out_features, in_features)` of one adapter, in the base weight's dtype."""
+        return self.delta_weight(self.svd_delta[adapter_name]).to(self.get_base_layer().weight.dtype)
+
+    def current_weight(self) -> torch.Tensor | None:
+        """The weight the active adapters make this layer compute with now, or None if they add nothing.
+
+        None when adapters are disabled, merged into `W`, or none of the active ones is on this
+        layer. With gradient tracking and a trainable singular-value change, the weight is built by
+        autograd (gradients flow to the changes); otherwise it is built once and reused until `W`
+        or a change is modified (see `_cached_weight`). Several active adapters add their changes.
+        """
+        if self._disable_adapters or self.merged_adapters:
+            return None
+        names = [name for name in self.active_adapters if name in self.svd_delta]
+        if not names:
+            return None
+        self._require_factors()
+        if torch.is_grad_enabled() and any(self.svd_delta[n].requires_grad for n in names):
+            return self.adapted_weight(self._summed_delta(names))
+        return self._cached_weight(tuple(names))
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        if adapter_name in self.svd_fingerprint:
-            del self.svd_fingerprint[adapter_name]
+        for buffers in (self.svd_fingerprint, self.svd_model_fingerprint):
+            if adapter_name in buffers:
+                del buffers[adapter_name]
         self._weight_cache = None
 
     def _require_factors(self) -> None:
         if not self.has_factors:
             raise RuntimeError(
                 "This SVD layer has no factors yet. Layers are factorized when the adapter is injected "
-                "through get_peft_model / PeftModel / inject_adapter_in_model."
+                "through get_peft_model / add_adapter / load_adapter / PeftModel / inject_adapter_in_model."
             )
 
-    def _check_fingerprint_on_load(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        for name, current in self.svd_fingerprint.items():
-            key = f"{prefix}svd_fingerprint.{name}"
-            if key not in state_dict:
-                continue
-            if fingerprints_match(state_dict[key], current):
-                continue
-            layer = prefix.removeprefix("base_model.model.").rstrip(".")
-            message = (
-                f"The SVD adapter {name!r} was trained on a different base model: the weight of layer "
-                f"'{layer}' does not match the one the adapter was created on (another checkpoint or a "
-                "fine-tuned copy?). Load the adapter onto the base model it was trained on. To load it anyway, "
-                "pass a config with verify_base_model=False: "
-                "`cfg = SVDConfig.from_pretrained(path); cfg.verify_base_model = False; "
-                "PeftModel.from_pretrained(model, path, config=cfg)`."
-            )
-            if self.verify_base_model:
-                raise ValueError(message)
-            warnings.warn(message.split(" Load the adapter")[0] + " Loading anyway (verify_base_model=False).")
-            # keep the fingerprint of the weight it is now attached to
-            state_dict[key] = current.clone()
+    def _check_on_load(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        """Refuse singular-value changes that are not finite, and compare the stored fingerprints."""
+        layer = prefix.removeprefix("base_model.model.").rstrip(".")
+        for name in self.svd_delta:
+            key = f"{prefix}svd_delta.{name}"
+            if key in state_dict and not torch.isfinite(state_dict[key]).all():
+                raise ValueError(
+                    f"The SVD adapter {name!r} has NaN or inf singular-value changes for layer '{layer}': the "
+                    "adapter file is damaged. Use another copy of the adapter."
+                )
+        for attribute in ("svd_fingerprint", "svd_model_fingerprint"):
+            for name, current in getattr(self, attribute).items():
+                key = f"{prefix}{attribute}.{name}"
+                if key not in state_dict or fingerprints_match(state_dict[key], current):
+                    continue
+                if attribute == "svd_fingerprint":
+                    differs = f"the weight of layer '{layer}' does not match the one the adapter was created on"
+                else:
+                    differs = (
+                        "its parameters outside the adapted layers (embeddings, norms, heads, ...) do not match "
+                        "those of the model the adapter was created on"
+                    )
+                message = (
+                    f"The SVD adapter {name!r} was trained on a different base model: {differs} (another "
+                    "checkpoint or a fine-tuned copy?). Load the adapter onto the base model it was trained on. "
+                    "To load it anyway, pass a config with verify_base_model=False: "
+                    "`cfg = SVDConfig.from_pretrained(path); cfg.verify_base_model = False; "
+                    "PeftModel.from_pretrained(model, path, config=cfg)`."
+                )
+                if self.verify_base_model:
+                    raise ValueError(message)
+                warnings.warn(
+                    message.split(" Load the adapter")[0] + " Loading anyway (verify_base_model=False).", stacklevel=2
+                )
+                # keep the fingerprint of the weights it is now attached to
+                state_dict[key] = current.clone()
 
-    def _active_delta(self, adapter_names) -> Optional[torch.Tensor]:
-        """Sum of the singular-value changes of the given adapters (they add up), or None."""
-        deltas = [self.svd_delta[name] for name in adapter_names if name in self.svd_delta]
-        if not deltas:
-            return None
-        total = deltas[0].to(self.svd_S.dtype)
-        for d in deltas[1:]:
-            total = total + d.to(self.svd_S.dtype)
+    def _summed_delta(self, adapter_names) -> torch.Tensor:
+        """Sum of the singular-value changes of the given adapters (they add up), float32 `(R,)`."""
+        total = _cast(self.svd_delta[adapter_names[0]], torch.float32)
+        for name in adapter_names[1:]:
+            total = total + _cast(self.svd_delta[name], torch.float32)
         return total
 
-    def _effective_weight(self, delta: torch.Tensor) -> torch.Tensor:
-        """`W + U diag(delta) Vh` in the base weight's dtype (the delta is added in float32)."""
-        weight = self.get_base_layer().weight
-        update = (self.svd_U * delta.to(self.svd_U.dtype)) @ self.svd_Vh
-        return (weight.to(update.dtype) + update).to(weight.dtype)
-
-    def _cached_effective_weight(self, adapter_names: list[str]) -> torch.Tensor:
-        """`W + U diag(sum of deltas) Vh` of the given adapters, built once and reused.
-
-        Valid while neither the base weight nor any delta changed: in-place updates (optimizer
-        steps, `load_state_dict`) bump the tensors' version counters, moves change their storage.
-        """
+    def _cached_weight(self, adapter_names: tuple[str, ...]) -> torch.Tensor:
+        """`W + U diag(sum of deltas) Vh` of the given adapters, built once and reused while it is valid."""
         cache = self._weight_cache
+        deltas = tuple(self.svd_delta[n] for n in adapter_names)
         weight = self.get_base_layer().weight
-        if (
-            cache is None
-            or cache.names != tuple(adapter_names)
-            or cache.deltas != tuple((p, p._version, p.data_ptr()) for p in map(self.svd_delta.__getitem__, adapter_names))
-            or cache.weight is not weight
-            or cache.weight_state != (weight._version, weight.data_ptr())
-            or (torch.is_grad_enabled() and cache.value.is_inference())
-        ):
-            cache = self._build_weight_cache(adapter_names)
+        if cache is None or not cache.fits(deltas, weight):
+            cache = self._build_weight_cache(adapter_names, deltas, weight)
         return cache.value
 
-    def _build_weight_cache(self, adapter_names: list[str]) -> _WeightCache:
-        weight = self.get_base_layer().weight
-        params = [self.svd_delta[n] for n in adapter_names]
+    def _build_weight_cache(self, adapter_names, deltas, weight) -> _WeightCache:
         with torch.no_grad():
-            value = self._effective_weight(self._active_delta(adapter_names))
-        self._weight_cache = _WeightCache(
-            delta=params[0] if len(params) == 1 else None,
-            delta_state=(params[0]._version, params[0].data_ptr()),
-            weight=weight,
-            weight_state=(weight._version, weight.data_ptr()),
-            names=tuple(adapter_names),
-            deltas=tuple((p, p._version, p.data_ptr()) for p in params),
-            value=value,
-        )
+            value = self.adapted_weight(self._summed_delta(adapter_names))
+        self._weight_cache = _WeightCache(deltas, weight, value)
         return self._weight_cache
 
 
-class _WeightCache(NamedTuple):
-    """An effective weight and what it was built from (tensors, version counters, storages)."""
+class _WeightCache:
+    """An effective weight and what it was built from: valid while those tensors are unchanged.
 
-    delta: torch.Tensor | None  # the delta when built for one adapter (the fast check in `forward`)
-    delta_state: tuple[int, int]
-    weight: torch.Tensor
-    weight_state: tuple[int, int]
-    names: tuple[str, ...]
-    deltas: tuple
-    value: torch.Tensor
+    In-place updates (optimizer steps, `load_state_dict`) bump a tensor's version counter, moves
+    change its storage; a weight built under `inference_mode` cannot be saved for a backward pass.
+    """
+
+    __slots__ = ("deltas", "states", "weight", "weight_state", "value")
+
+    def __init__(self, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor, value: torch.Tensor):
+        self.deltas = deltas
+        self.states = tuple((d._version, d.data_ptr()) for d in deltas)
+        self.weight = weight
+        self.weight_state = (weight._version, weight.data_ptr())
+        self.value = value
+
+    def fits(self, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor) -> bool:
+        if weight is not self.weight or self.weight_state != (weight._version, weight.data_ptr()):
+            return False
+        if len(deltas) != len(self.deltas):
+            return False
+        for d, ref, state in zip(deltas, self.deltas, self.states, strict=True):
+            if d is not ref or state != (d._version, d.data_ptr()):
+                return False
+        return not (torch.is_grad_enabled() and self.value.is_inference())
+
+
+def _block_layout(out_features: int, in_features: int, out_splits) -> tuple[tuple[int, int, int, int], ...]:
+    """`(row_start, row_end, rank_start, rank_end)` of each output block of a weight."""
+    layout, row, col = [], 0, 0
+    for rows in out_splits or (out_features,):
+        rank = min(rows, in_features)
+        layout.append((row, row + rows, col, col + rank))
+        row, col = row + rows, col + rank
+    return tuple(layout)
 
 
 def base_fingerprint(weight: torch.Tensor) -> torch.Tensor:
@@ -232,7 +320,7 @@ def base_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     """
     # One intra-op thread on the CPU: these few small products gain nothing from more, and on a
     # CPU shared with other jobs each of them would wait at barriers (20x slower on 2 busy cores).
-    with _intra_op_threads(1) if weight.device.type == "cpu" else contextlib.nullcontext():
+    with intra_op_threads(1) if weight.device.type == "cpu" else contextlib.nullcontext():
         return _fingerprint(weight)
 
 
@@ -253,6 +341,22 @@ def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
     return values.cpu().view(torch.int64)
 
 
+def model_fingerprint(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One fingerprint of many tensors (the base model's parameters outside the adapted layers) `(6,)`.
+
+    The sum of the tensors' `base_fingerprint`s (each seen as a matrix `(shape[0], -1)`), with the
+    largest machine epsilon among their dtypes: compared by `fingerprints_match` like that of one
+    weight, so a copy in lower precision matches and a changed tensor does not.
+    """
+    total = torch.zeros(6, dtype=torch.float64)
+    for t in tensors:
+        matrix = t.detach().reshape(t.shape[0] if t.ndim > 1 else 1, -1)
+        values = base_fingerprint(matrix).view(torch.float64)
+        total[:-1] += values[:-1]
+        total[-1] = max(float(total[-1]), float(values[-1]))
+    return total.view(torch.int64)
+
+
 def fingerprints_match(saved: torch.Tensor, current: torch.Tensor) -> bool:
     """Whether two fingerprints describe the same weight, up to a rounding of it to a lower precision."""
     if saved.shape != current.shape or saved.dtype != torch.int64:
@@ -265,17 +369,18 @@ def fingerprints_match(saved: torch.Tensor, current: torch.Tensor) -> bool:
     return bool(((a[:-1] - b[:-1]).abs() <= tol).all())
 
 
-def _use_factored_for(tokens: int, out_features: int, in_features: int, rank: int) -> bool:
+def _use_factored_for(tokens: int, out_features: int, in_features: int, rank: int, out_splits=None) -> bool:
     """Whether the factored form costs fewer multiply-adds than the merged one for a training call.
 
     Forward plus backward, counting a `tokens x in x out` product as `tokens * in * out`:
-    factored `2 T R (in + out)` (two thin products each way); merged `3 T in out` (forward,
-    input gradient, weight gradient) plus `2 R in out` (building `W'`, and projecting its
-    gradient onto the singular directions). Square matrices merge once `T > 2 in`; a 4x wide
-    MLP matrix never does.
+    factored `2 T sum_b R_b (in + out_b)` over the output blocks `b` (two thin products each
+    way); merged `3 T in out` (forward, input gradient, weight gradient) plus
+    `2 in sum_b R_b out_b` (building `W'`, and projecting its gradient onto the singular
+    directions). Square matrices merge once `T > 2 in`; a 4x wide MLP matrix never does.
     """
-    factored = 2 * tokens * rank * (in_features + out_features)
-    merged = 3 * tokens * in_features * out_features + 2 * rank * in_features * out_features
+    blocks = [(min(rows, in_features), rows) for rows in out_splits] if out_splits else [(rank, out_features)]
+    factored = 2 * tokens * sum(r * (in_features + rows) for r, rows in blocks)
+    merged = 3 * tokens * in_features * out_features + 2 * in_features * sum(r * rows for r, rows in blocks)
     return factored <= merged
 
 
@@ -288,34 +393,51 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _scaled_up(h, s, U, dtype, bias=None):
+    """`U diag(s) h` for `h` `(..., R)`: the singular values scale whichever operand is smaller."""
+    if h.numel() // h.shape[-1] <= U.shape[0]:
+        return F.linear(h * _cast(s, dtype), _cast(U, dtype), bias)
+    return F.linear(h, _cast(U * s, dtype), bias)
+
+
 class _FactoredSVDLinear(torch.autograd.Function):
     """`y = U ((S + d) * (Vh x)) + b` with gradients for `d` and `x`; keeps only `Vh x` for backward.
 
-    The singular values scale whichever operand is smaller, the `(tokens, R)` projection or the
-    frozen `U` (forward) / `Vh` (backward), and the gradient of `d` is one product-sum. Under
-    plain autograd the same rule stores two `(tokens, R)` tensors per layer and makes three more
-    passes over them (more under autocast, where `s * h` is promoted to float32).
+    `U` comes as its output blocks (one for an unsplit weight), so that a split weight never
+    multiplies the zeros between them. The singular values scale whichever operand is smaller,
+    the `(tokens, R)` projection or the frozen `U` (forward) / `Vh` (backward), and the gradient
+    of `d` is one product-sum. Under plain autograd the same rule stores two `(tokens, R)` tensors
+    per layer and makes three more passes over them (more under autocast, where `s * h` is
+    promoted to float32).
     """
 
     @staticmethod
-    def forward(ctx, x, delta, S, U, Vh, bias, dtype):
+    def forward(ctx, x, delta, S, Vh, bias, dtype, U_blocks, blocks):
         s = S + _cast(delta, S.dtype)
         h = F.linear(_cast(x, dtype), _cast(Vh, dtype))
         b = _cast(bias, dtype)
-        if h.numel() // h.shape[-1] <= U.shape[0]:
-            y = F.linear(h * _cast(s, dtype), _cast(U, dtype), b)
+        if len(U_blocks) == 1:
+            y = _scaled_up(h, s, U_blocks[0], dtype, b)
         else:
-            y = F.linear(h, _cast(U * s, dtype), b)
-        ctx.save_for_backward(h, s, U, Vh)
+            y = torch.cat([_scaled_up(h[..., c0:c1], s[c0:c1], U, dtype) for U, (_, _, c0, c1) in zip(U_blocks, blocks, strict=True)], -1)
+            if b is not None:
+                y = y + b
+        ctx.save_for_backward(h, s, Vh)
+        ctx.U_blocks, ctx.blocks = U_blocks, blocks
         ctx.x_dtype, ctx.delta_dtype = x.dtype, delta.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, s, U, Vh = ctx.saved_tensors
+        h, s, Vh = ctx.saved_tensors
         dtype = h.dtype
-        a = _cast(grad_out, dtype) @ _cast(U, dtype)  # (..., R): the output gradient on the singular directions
+        g = _cast(grad_out, dtype)
+        # (..., R): the output gradient on the singular directions
+        if len(ctx.U_blocks) == 1:
+            a = g @ _cast(ctx.U_blocks[0], dtype)
+        else:
+            a = torch.cat([g[..., r0:r1] @ _cast(U, dtype) for U, (r0, r1, _, _) in zip(ctx.U_blocks, ctx.blocks, strict=True)], -1)
         rank = a.shape[-1]
         grad_x = grad_delta = grad_bias = None
         if ctx.needs_input_grad[1]:
@@ -326,10 +448,10 @@ class _FactoredSVDLinear(torch.autograd.Function):
             else:
                 grad_x = a @ _cast(Vh * s.unsqueeze(-1), dtype)
             grad_x = _cast(grad_x, ctx.x_dtype)
-        if ctx.needs_input_grad[5]:
+        if ctx.needs_input_grad[4]:
             g = grad_out.reshape(-1, grad_out.shape[-1])
             grad_bias = _cast(g.sum(0, dtype=_accumulation_dtype(g.dtype)), ctx.bias_dtype)
-        return grad_x, grad_delta, None, None, None, grad_bias, None
+        return grad_x, grad_delta, None, None, grad_bias, None, None, None
 
 
 class Linear(nn.Module, SVDLayer):
@@ -343,12 +465,15 @@ class Linear(nn.Module, SVDLayer):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        for name in ("svd_U", "svd_S", "svd_Vh"):
-            t = getattr(self, name)
-            if t is not None:
-                moved = fn(t)
-                # follow device moves, but keep float32 under .half() / .to(dtype)
-                setattr(self, name, moved if moved.dtype == t.dtype else t.to(moved.device))
+
+        def move(t):
+            moved = fn(t)
+            # follow device moves, but keep float32 under .half() / .to(dtype)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+        if self.svd_S is not None:
+            self.svd_S, self.svd_Vh = move(self.svd_S), move(self.svd_Vh)
+            self._svd_U_blocks = tuple(move(U) for U in self._svd_U_blocks)
         self._weight_cache = None
         return self
 
@@ -358,43 +483,58 @@ class Linear(nn.Module, SVDLayer):
             self._weight_cache = None
         return super().train(mode)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def _names_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        return [name for name in check_adapters_to_merge(self, adapter_names) if name in self.svd_delta]
+
+    def check_merge(self, adapter_names: list[str] | None = None, layer_name: str = "") -> None:
+        """Raise if merging the given (default: active) adapters would give a weight with NaN or inf.
+
+        Builds the merged weight on the side and changes nothing; the model checks every layer this
+        way before it merges any (`safe_merge=True`).
+        """
+        names = self._names_to_merge(adapter_names)
+        if not names:
+            return
+        with torch.no_grad():
+            merged = self.adapted_weight(self._summed_delta(names).detach())
+        if not torch.isfinite(merged).all():
+            where = f" of layer '{layer_name}'" if layer_name else ""
+            raise ValueError(
+                f"NaNs detected in the merged weights{where}. The adapter {', '.join(names)} seems to be broken; "
+                "nothing was merged."
+            )
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add `U diag(delta) Vh` of the given (default: active) adapters to the base weight.
 
         Args:
-            safe_merge: build the merged weight on a copy first and raise if it has NaN or inf.
+            safe_merge: build the merged weight on the side first and raise, leaving the weight
+                unchanged, if it has NaN or inf.
             adapter_names: adapters to merge; `None` merges the active ones.
         """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
+        names = self._names_to_merge(adapter_names)
+        if not names:
             return
+        if safe_merge:
+            self.check_merge(names)
         base_layer = self.get_base_layer()
-        for name in adapter_names:
-            if name not in self.svd_delta:
-                continue
-            merged = base_layer.weight.data.to(self.svd_U.dtype) + (
-                (self.svd_U * self.svd_delta[name].detach().to(self.svd_U.dtype)) @ self.svd_Vh
-            )
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            base_layer.weight.data = merged.to(base_layer.weight.dtype)
-            self.merged_adapters.append(name)
+        with torch.no_grad():
+            for name in names:
+                base_layer.weight.data = self.adapted_weight(self.svd_delta[name].detach())
+                self.merged_adapters.append(name)
         self._weight_cache = None
 
     def unmerge(self) -> None:
         """Subtract every merged adapter again (exact up to float rounding)."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base_layer = self.get_base_layer()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name not in self.svd_delta:
-                continue
-            weight = base_layer.weight.data.to(self.svd_U.dtype) - (
-                (self.svd_U * self.svd_delta[name].detach().to(self.svd_U.dtype)) @ self.svd_Vh
-            )
-            base_layer.weight.data = weight.to(base_layer.weight.dtype)
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                if name in self.svd_delta:
+                    base_layer.weight.data = self.adapted_weight(-_cast(self.svd_delta[name].detach(), torch.float32))
         self._weight_cache = None
 
     def _check_forward_args(self, x, *args, **kwargs):
@@ -414,7 +554,7 @@ class Linear(nn.Module, SVDLayer):
     def _use_factored(self, tokens: int) -> bool:
         if self.forward_mode != "auto":
             return self.forward_mode == "factored"
-        return _use_factored_for(tokens, self.out_features, self.in_features, self.rank)
+        return _use_factored_for(tokens, self.out_features, self.in_features, self.rank, self.out_splits)
 
     def _linear(self) -> nn.Linear:
         # get_base_layer() without its hasattr probe, which raises inside nn.Module.__getattr__
@@ -428,13 +568,13 @@ class Linear(nn.Module, SVDLayer):
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         if self._use_factored(x.numel() // self.in_features):
-            return _FactoredSVDLinear.apply(x, delta, self.svd_S, self.svd_U, self.svd_Vh, base.bias, dtype)
+            return _FactoredSVDLinear.apply(
+                x, delta, self.svd_S, self.svd_Vh, base.bias, dtype, self._svd_U_blocks, self._blocks
+            )
         # Merged: autograd through W' = W + U diag(d) Vh, built in float32. Only W' (out x in) is
         # kept for backward, far less than the (tokens, in) activations that make this form cheaper.
-        U, Vh = self.svd_U, self.svd_Vh
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-            weight = _cast(_cast(base.weight, U.dtype) + (U * _cast(delta, U.dtype)) @ Vh, dtype)
-            return F.linear(_cast(x, dtype), weight, _cast(base.bias, dtype))
+            return F.linear(_cast(x, dtype), self.adapted_weight(delta, dtype), _cast(base.bias, dtype))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # The common call (one active adapter, nothing merged or disabled, no extra arguments)
@@ -448,23 +588,15 @@ class Linear(nn.Module, SVDLayer):
         base = self._linear()
         if delta is None:
             return base(x)
-        if self.svd_U is None:
+        if self.svd_S is None:
             self._require_factors()
-        grad = torch.is_grad_enabled()
-        if grad and delta.requires_grad:
+        if delta.requires_grad and torch.is_grad_enabled():
             return self._adapted_forward(x, delta, base)
         cache = self._weight_cache
         weight = base.weight
-        if (
-            cache is None
-            or cache.delta is not delta
-            or cache.delta_state != (delta._version, delta.data_ptr())
-            or cache.weight is not weight
-            or cache.weight_state != (weight._version, weight.data_ptr())
-            # a weight built under inference_mode cannot be saved for a backward pass
-            or (grad and cache.value.is_inference())
-        ):
-            cache = self._build_weight_cache([name])
+        deltas = (delta,)
+        if cache is None or not cache.fits(deltas, weight):
+            cache = self._build_weight_cache((name,), deltas, weight)
         return F.linear(x, cache.value, base.bias)
 
     def _forward_general(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -478,17 +610,13 @@ class Linear(nn.Module, SVDLayer):
             return base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if self.merged:
-            return base_layer(x, *args, **kwargs)
-
         active = [name for name in self.active_adapters if name in self.svd_delta]
-        if not active:
+        if self.merged or not active:
             return base_layer(x, *args, **kwargs)
         self._require_factors()
         if torch.is_grad_enabled() and any(self.svd_delta[n].requires_grad for n in active):
-            return self._adapted_forward(x, self._active_delta(active))
-        weight = self._cached_effective_weight(active)
-        return F.linear(x, weight, base_layer.bias)
+            return self._adapted_forward(x, self._summed_delta(active))
+        return F.linear(x, self._cached_weight(tuple(active)), base_layer.bias)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         # each sample uses the adapter named for it ("__base__": none)
@@ -503,7 +631,7 @@ class Linear(nn.Module, SVDLayer):
             else:
                 self._require_factors()
                 with torch.no_grad():
-                    weight = self._effective_weight(self.svd_delta[name])
+                    weight = self.adapted_weight(self.svd_delta[name])
                 out = F.linear(sub, weight, base_layer.bias)
             if result is None:
                 result = out.new_empty((x.shape[0], *out.shape[1:]))
@@ -514,7 +642,7 @@ class Linear(nn.Module, SVDLayer):
         return "svd." + super().__repr__()
 
 
-def dispatch_default(target: nn.Module, adapter_name: str, config: SVDConfig, **kwargs) -> Optional[nn.Module]:
+def dispatch_default(target: nn.Module, adapter_name: str, config: SVDConfig, **kwargs) -> nn.Module | None:
     """Wrap `target` if it is an `nn.Linear`, else return None."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if isinstance(base, nn.Linear):

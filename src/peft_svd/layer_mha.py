@@ -57,43 +57,6 @@ class _PackedProjection(nn.Linear):
         self.register_parameter("bias", bias)
 
 
-def _adapted_weight(layer: Linear) -> torch.Tensor | None:
-    """The weight a part contributes to the attention's forward: `W + U diag(delta) Vh`, or None.
-
-    None when the part adds nothing (no active adapter, or it is merged into `W`). With gradients
-    the weight is built by autograd, so they flow to the singular-value changes; without, the
-    layer's cached effective weight is reused until the singular values change.
-    """
-    if layer.merged:
-        return None
-    active = [name for name in layer.active_adapters if name in layer.svd_delta]
-    if not active:
-        return None
-    layer._require_factors()
-    if torch.is_grad_enabled() and any(layer.svd_delta[name].requires_grad for name in active):
-        return _effective_weight_by_blocks(layer, layer._active_delta(active))
-    return layer._cached_effective_weight(active)
-
-
-def _effective_weight_by_blocks(layer: Linear, delta: torch.Tensor) -> torch.Tensor:
-    """`W + U diag(delta) Vh` `(out, in)` in the base weight's dtype, built block by block.
-
-    `U` of a split weight is block-diagonal; one product per block skips its zero blocks, which
-    are two thirds of a dense product (and of its backward) for q/k/v.
-    """
-    if not layer.out_splits:
-        return layer._effective_weight(delta)
-    weight = layer.get_base_layer().weight
-    updates, row, col = [], 0, 0
-    for rows in layer.out_splits:
-        rank = min(rows, layer.in_features)
-        u = layer.svd_U[row : row + rows, col : col + rank]
-        updates.append((u * delta[col : col + rank].to(u.dtype)) @ layer.svd_Vh[col : col + rank])
-        row, col = row + rows, col + rank
-    update = torch.cat(updates)
-    return (weight.to(update.dtype) + update).to(weight.dtype)
-
-
 class MultiheadAttention(nn.Module, BaseTunerLayer):
     """An attention module with a packed q/k/v projection whose singular values are adapted.
 
@@ -274,7 +237,7 @@ class MultiheadAttention(nn.Module, BaseTunerLayer):
         """Merge the given (default: active) adapters into the attention's in- and out-projection weights.
 
         Args:
-            safe_merge: raise, before anything is written, if a singular-value change has NaN or inf.
+            safe_merge: raise, before anything is written, if a merged weight would have NaN or inf.
             adapter_names: adapters to merge; `None` merges the active ones.
         """
         if adapter_names is None:
@@ -284,13 +247,11 @@ class MultiheadAttention(nn.Module, BaseTunerLayer):
             names = [n for n in adapter_names if n in layer.svd_delta and n not in layer.merged_adapters]
             if names:
                 plan.append((layer, names))
-        if safe_merge:
+        if safe_merge:  # every part is checked before any is merged
             for layer, names in plan:
-                for name in names:
-                    if not torch.isfinite(layer.svd_delta[name]).all():
-                        raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                layer.check_merge(names)
         for layer, names in plan:
-            layer.merge(safe_merge=safe_merge, adapter_names=names)
+            layer.merge(adapter_names=names)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter from the attention's weights again."""
@@ -324,12 +285,12 @@ class MultiheadAttention(nn.Module, BaseTunerLayer):
             return attention(*args, **kwargs)
         weights = {}
         if isinstance(self.in_proj, Linear):
-            weight = _adapted_weight(self.in_proj)
+            weight = self.in_proj.current_weight()
             if weight is not None:
                 weights["in_proj_weight"] = weight
         # nn.MultiheadAttention reads out_proj.weight; other modules call out_proj, which adapts itself
         if isinstance(attention, nn.MultiheadAttention) and isinstance(self.out_proj, Linear):
-            weight = _adapted_weight(self.out_proj)
+            weight = self.out_proj.current_weight()
             if weight is not None:
                 weights["out_proj.base_layer.weight"] = weight
         if not weights:

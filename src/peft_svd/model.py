@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import re
+import warnings
 from contextlib import contextmanager
 from functools import partial
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, NoMatchingPeftModuleError
 from peft.utils import _get_submodules
 from torch import nn
@@ -13,7 +16,7 @@ from torch import nn
 from ._registry import PREFIX
 from .config import SVDConfig
 from .factorization import factorize_cached
-from .layer import SVDLayer, dispatch_default
+from .layer import SVDLayer, dispatch_default, model_fingerprint
 from .layer_mha import MultiheadAttention as SVDMultiheadAttention
 from .layer_mha import is_packed_attention
 
@@ -163,6 +166,9 @@ class SVDModel(BaseTuner):
                 f"{err} target_modules={sorted(self.peft_config[adapter_name].target_modules)} matched no "
                 f"nn.Linear; available: {', '.join(names) if names else '(the model has no nn.Linear)'}."
             ) from None
+        # add_adapter and load_adapter come here without passing through __init__: factorize the
+        # layers this adapter wrapped first (a no-op when called again from __init__)
+        self._post_injection_hook(model, self.peft_config[adapter_name], adapter_name)
 
     def _create_and_replace(
         self,
@@ -233,28 +239,105 @@ class SVDModel(BaseTuner):
         return new_module
 
     def _post_injection_hook(self, model: nn.Module, config: SVDConfig, adapter_name: str) -> None:
-        """Factorize, in one batched call, every adapted layer that has no factors yet."""
-        pending = [layer for _, layer in iter_svd_layers(model) if not layer.has_factors]
-        if not pending:
-            return
-        weights = []
-        for layer in pending:
-            weight = layer.get_base_layer().weight
-            if weight.device.type == "meta":
-                raise ValueError(
-                    "Cannot factorize a base weight on the meta device; load the base model's weights "
-                    "before adding an SVD adapter."
-                )
-            weights.append(weight)
-        factors = factorize_cached(
-            weights,
-            [layer.out_splits for layer in pending],
-            device=config.factorization_device,
-            cache_dir=config.factor_cache_dir,
-            progress=len(pending) > 8,
+        """Factorize, in one batched call, every adapted layer that has no factors yet; fingerprint the model.
+
+        The fingerprint of the base model's other parameters is recorded once per adapter, on the
+        first layer that holds it (see `model_fingerprint`).
+        """
+        pending = [(name, layer) for name, layer in iter_svd_layers(model) if not layer.has_factors]
+        if pending:
+            weights = []
+            for name, layer in pending:
+                weight = layer.get_base_layer().weight
+                if weight.device.type == "meta":
+                    raise ValueError(
+                        "Cannot factorize a base weight on the meta device; load the base model's weights "
+                        "before adding an SVD adapter."
+                    )
+                if not torch.isfinite(weight).all():
+                    raise ValueError(
+                        f"The base weight of layer '{name}' has NaN or inf values, so it cannot be factorized. "
+                        "Is the checkpoint damaged? Load intact base weights, or leave the layer out with "
+                        "exclude_modules."
+                    )
+                weights.append(weight)
+            runtime = config.runtime_config
+            factors = factorize_cached(
+                weights,
+                [layer.out_splits for _, layer in pending],
+                device=runtime.factorization_device,
+                cache_dir=runtime.factor_cache_dir,
+                progress=len(pending) > 8,
+            )
+            for (_, layer), f in zip(pending, factors, strict=True):
+                layer.set_factors(f)
+        anchor = _anchor_layer(model, adapter_name)
+        if anchor is not None and adapter_name not in anchor.svd_model_fingerprint:
+            anchor.svd_model_fingerprint[adapter_name] = model_fingerprint(_unadapted_parameters(model, adapter_name))
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT's key remapping, then refuse changes for layers the model lacks; warn when fingerprints are absent."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        verify = getattr(config, "verify_base_model", True)
+        suffix = f".svd_delta.{adapter_name}"
+        # keys that PEFT could not map onto a layer of this model keep their saved form, without the adapter name
+        orphans = sorted(k.removeprefix("base_model.model.") for k in remapped if k.endswith(".svd_delta"))
+        if orphans:
+            layers = [k.removesuffix(".svd_delta") for k in orphans]
+            message = (
+                f"The SVD adapter {adapter_name!r} changes {len(layers)} layer(s) that this model does not have "
+                f"or does not adapt (first: '{layers[0]}'): it was made for a different base model, and loading "
+                "it would silently drop those changes. Load it onto the model it was trained on"
+            )
+            if verify:
+                raise ValueError(message + ", or pass a config with verify_base_model=False to load the rest.")
+            warnings.warn(message + "; loading the rest (verify_base_model=False).", stacklevel=2)
+            remapped = {k: v for k, v in remapped.items() if not k.endswith((".svd_delta", ".svd_fingerprint"))}
+            remapped = {k: v for k, v in remapped.items() if not k.endswith(".svd_model_fingerprint")}
+
+        layers = [k.removesuffix(suffix) for k in remapped if k.endswith(suffix)]
+        unchecked = [name for name in layers if f"{name}.svd_fingerprint.{adapter_name}" not in remapped]
+        has_model_fingerprint = any(k.endswith(f".svd_model_fingerprint.{adapter_name}") for k in remapped)
+        if layers and (unchecked or not has_model_fingerprint):
+            what = f"{len(unchecked)} of its {len(layers)} layers" if unchecked else "the base model"
+            warnings.warn(
+                f"The SVD adapter {adapter_name!r} carries no fingerprint of {what} it was trained on "
+                "(removed from the file?), so whether this is the right base model CANNOT be checked. If it is "
+                "not, every output of the adapted model is wrong, without any error. Only use this adapter if "
+                "you trust its source.",
+                stacklevel=2,
+            )
+        return remapped
+
+    def _check_safe_merge(self, adapter_names) -> None:
+        """Raise, before anything is merged, if any layer's merged weight would have NaN or inf."""
+        for name, layer in iter_svd_layers(self.model):
+            if hasattr(layer, "check_merge"):
+                layer.check_merge(adapter_names, layer_name=name)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """PEFT's `merge_adapter`; with `safe_merge`, every layer is checked before any is merged."""
+        if safe_merge:
+            self._check_merge_allowed()
+            self._check_safe_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=False)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge and safe_merge:
+            self._check_merge_allowed()
+            self._check_safe_merge(adapter_names)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=False, adapter_names=adapter_names
         )
-        for layer, f in zip(pending, factors):
-            layer.set_factors(f)
+
+    def __getattr__(self, name: str):
+        attr = super().__getattr__(name)
+        # Methods of the wrapped model other than forward (CLIP's get_image_features, get_text_features,
+        # ...) do not pass through PeftModel.forward, which handles `adapter_names`: route them too.
+        if not name.startswith("_") and getattr(attr, "__self__", None) is self.__dict__["_modules"].get("model"):
+            return _routing_adapter_names(self, attr)
+        return attr
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -285,6 +368,43 @@ class SVDModel(BaseTuner):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _routing_adapter_names(tuner: SVDModel, method):
+    """`method` of the wrapped model, with an `adapter_names` argument applied through the mixed-batch hooks."""
+
+    @functools.wraps(method)
+    def call(*args, adapter_names=None, **kwargs):
+        if adapter_names is None:
+            return method(*args, **kwargs)
+        with tuner._enable_peft_forward_hooks(adapter_names=adapter_names):
+            return method(*args, **kwargs)
+
+    return call
+
+
+def _anchor_layer(model: nn.Module, adapter_name: str) -> SVDLayer | None:
+    """The first adapted layer that holds `adapter_name`: where its model fingerprint is kept."""
+    return next((layer for _, layer in iter_svd_layers(model) if adapter_name in layer.svd_delta), None)
+
+
+def _unadapted_parameters(model: nn.Module, adapter_name: str) -> list[torch.Tensor]:
+    """Floating parameters of the base model apart from the weights `adapter_name` adapts, adapters and copies.
+
+    Weights adapted only by other adapters count as the base model's: the set does not depend on
+    which other adapters the model holds.
+    """
+    adapted = {id(layer.get_base_layer().weight) for _, layer in iter_svd_layers(model) if adapter_name in layer.svd_delta}
+    return [
+        p
+        for name, p in model.named_parameters()
+        if p.is_floating_point()
+        and id(p) not in adapted
+        and PREFIX not in name
+        and ".modules_to_save." not in name
+        and "trainable_tokens_" not in name
+        and p.device.type != "meta"
+    ]
 
 
 def _packed_out_splits(target: nn.Module, target_name: str):
