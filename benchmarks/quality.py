@@ -174,7 +174,9 @@ def parse_args(argv=None):
         for s, t, c, i, lb, cf, a, b in zip(args.datasets, templates_, class_names, images, labels, configs, augments, b2n,
                                             strict=True)
     ]
-    if args.retention == ["none"]:
+    if args.retention is None:
+        args.retention = [BUILTIN_RETENTION] if args.model is None else []
+    elif args.retention == ["none"]:
         args.retention = []
     args.shots, args.seeds = sorted(set(args.shots)), sorted(set(args.seeds))
     args.methods = [m for m in METHODS if m in args.methods]
@@ -240,13 +242,21 @@ def recipe_lrs(args, chosen: dict) -> dict:
     return out
 
 
-def protocol_runs(args, lrs: dict) -> list[qr.Run]:
+def protocol_runs(args, lrs: dict) -> tuple[list[qr.Run], dict]:
     """Every run of the protocol (duplicates removed: a tuned lr equal to the paper's, or a
-    selection run, is one run)."""
-    runs = {}
+    selection run, is one run), and their priorities (0 first): the tuned recipes and the
+    untrained methods, then base-to-novel, then the paper recipes, so that an interrupted
+    benchmark has the rows the targets need."""
+    runs, priority = {}, {}
+    tuned = {(k[0], k[1], k[2]): v for k, v in lrs.items() if k[3] == "tuned"}
 
     def add(run):
         runs.setdefault(run.key(), run)
+        if run.method not in LR_METHODS or tuned.get((run.dataset, run.protocol, run.method)) == run.lr:
+            level = 0 if run.protocol == "few-shot" else 1
+        else:
+            level = 2
+        priority[run.key()] = min(priority.get(run.key(), 9), level)
 
     for spec in args.specs:
         if "zero-shot" in args.methods:
@@ -265,7 +275,7 @@ def protocol_runs(args, lrs: dict) -> list[qr.Run]:
                 for lr in dict.fromkeys(lrs[(spec.source, "base-to-novel", method, r)] for r in args.recipes):
                     for seed in args.seeds:
                         add(_run(args, spec, "base-to-novel", method, args.base_to_novel_shots, seed, lr))
-    return list(runs.values())
+    return list(runs.values()), priority
 
 
 # -- running -------------------------------------------------------------------------------
@@ -288,8 +298,11 @@ class Runner:
             self._worker = local
             self._worker.progress_bar = False
 
-    def run(self, runs: list[qr.Run], weights: dict, records: dict, on_record, progress) -> None:
-        todo = sorted((r for r in runs if r.key() not in records), key=lambda r: -weights[r.key()])
+    def run(self, runs: list[qr.Run], weights: dict, records: dict, on_record, progress, priorities=None) -> None:
+        priorities = priorities or {}
+        # In the order given (the caller puts what matters most first), longest first within it.
+        order = {r.key(): i for i, r in enumerate(runs)}
+        todo = sorted((r for r in runs if r.key() not in records), key=lambda r: (priorities.get(r.key(), 0), -weights[r.key()], order[r.key()]))
         for r in runs:
             if r.key() in records:
                 progress.update(weights[r.key()])
@@ -628,8 +641,6 @@ def main(argv=None):
         from peft_svd import builtin
 
         model_name = builtin.model_path()
-    if args.retention is None:
-        args.retention = [BUILTIN_RETENTION] if args.model is None else []
     threads = args.threads or (1 if not torch.cuda.is_available() else None)
     os.makedirs(args.output_dir, exist_ok=True)
     results_path = os.path.join(args.output_dir, "results.json")
@@ -679,10 +690,10 @@ def main(argv=None):
         record["selection"] = choose_learning_rates(args, records) if selection else {}
         lrs = recipe_lrs(args, record["selection"])
         record["recipe_lrs"] = {"|".join(k): v for k, v in lrs.items()}
-        runs = protocol_runs(args, lrs)
+        runs, priorities = protocol_runs(args, lrs)
         record["planned_training_steps"] = sum(weight(r) for r in runs if r.method in qr.TRAINED)
         with tqdm(total=sum(weight(r) for r in runs), desc="quality protocol (steps)", unit="step", dynamic_ncols=True) as progress:
-            runner.run(runs, {r.key(): weight(r) for r in runs}, records, on_record, progress)
+            runner.run(runs, {r.key(): weight(r) for r in runs}, records, on_record, progress, priorities)
     finally:
         runner.close()
         call["wall_time_s"] = time.perf_counter() - started

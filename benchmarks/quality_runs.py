@@ -316,7 +316,7 @@ class Worker:
         tokens = tokenize_prompts(self.tokenizer, task.prompts())
         with torch.no_grad():
             text = encode_text(self.base, tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)).float()
-        adapter = baselines.TipAdapterF(keys, labels, text, float(logit_scale(self.base)))
+        adapter = baselines.TipAdapterF(keys, labels, text, float(logit_scale(self.base).detach()))
         generator = torch.Generator().manual_seed(run.seed)
         started = time.perf_counter()
         loss = adapter.fit(views[r["augment_views"] :], labels, lr=run.lr, eps=r["eps"], batch_size=r["batch_size"], generator=generator)
@@ -336,7 +336,9 @@ class Worker:
         """Adapts a fresh copy of the base model with LoRA, SVD or CoOp through the library's
         training loop (K-shot sampling, data order, augmentation, loss), then evaluates it."""
         from accelerate.utils import set_seed
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
+
+        from peft_svd.fewshot.models import adapt
 
         task = self.task(run.dataset)
         classes, rows, targets = self._shots(task, run)
@@ -361,7 +363,7 @@ class Worker:
             trainable = classifier.ctx.numel()
         else:
             config = LoraConfig(**LORA_CONFIG) if run.method == "lora" else peft_svd.SVDConfig()
-            model = get_peft_model(model, config)
+            model = adapt(model, config)
             trainable, _ = model.get_nb_trainable_parameters()
             classifier = training.PromptClassifier(model, prompts)
             optimizer = training.build_optimizer(classifier, recipe)

@@ -1,13 +1,16 @@
-"""Smoke test of benchmarks/quality.py on a tiny CLIP and a tiny imagefolder (1 shot, 1 seed,
-2 steps), and the aggregation that its tables and plot are made of."""
+"""benchmarks/quality.py on a tiny CLIP and a tiny imagefolder (1 shot, 2 steps), its parts
+(learning-rate selection, aggregation, targets), the baselines of benchmarks/fewshot_baselines.py,
+and the data paths the benchmark uses against the library's per-image ones."""
 
 import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "fewshot"))  # tiny_fewshot
@@ -15,14 +18,30 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "fewshot"))  # tiny_fewshot
 from tiny_fewshot import write_imagefolder, write_tiny_clip  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def quality():
-    spec = importlib.util.spec_from_file_location(
-        "quality_benchmark", os.path.join(ROOT, "benchmarks", "quality.py")
-    )
+def _load(name, file):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", file))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def quality():
+    return _load("quality_benchmark", "quality.py")  # puts benchmarks/ on the path for its modules
+
+
+@pytest.fixture(scope="module")
+def runs_module(quality):
+    import quality_runs
+
+    return quality_runs
+
+
+@pytest.fixture(scope="module")
+def baselines(quality):
+    import fewshot_baselines
+
+    return fewshot_baselines
 
 
 @pytest.fixture(autouse=True)
@@ -37,31 +56,16 @@ def _fresh_accelerate_state():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("quality")
-    return write_tiny_clip(str(root / "clip")), write_imagefolder(str(root / "colors"))
+    folder = write_imagefolder(str(root / "colors"))
+    write_imagefolder(str(root / "other"), seed=1)
+    shutil.copytree(str(root / "other" / "test"), os.path.join(folder, "validation"))  # a validation split to pick lrs on
+    return write_tiny_clip(str(root / "clip")), folder, str(root / "other")
 
 
-def _args(model_dir, data_dir, output_dir, *extra):
-    return [
-        "--model",
-        model_dir,
-        "--datasets",
-        data_dir,
-        "--shots",
-        "1",
-        "--seeds",
-        "1",
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--eval-batch-size",
-        "16",
-        "--threads",
-        "1",
-        "--output-dir",
-        output_dir,
-        *extra,
-    ]
+def _args(model, dataset, other, output_dir, *extra):
+    return ["--model", model, "--datasets", dataset, "--shots", "1", "--seeds", "1", "--max-steps", "2",
+            "--lr-factors", "1", "4", "--select-shots", "1", "--retention", other, "--template", "a photo of a {} thing.",
+            "--augment", "glyph", "--output-dir", output_dir, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +83,7 @@ def _lora_parameter_count(model_dir, r=2):
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(model_dir)
-    return sum(
-        r * (m.in_features + m.out_features)
-        for n, m in model.named_modules()
-        if n.split(".")[-1] in ("q_proj", "k_proj", "v_proj")
-    )
+    return sum(r * (m.in_features + m.out_features) for n, m in model.named_modules() if n.split(".")[-1] in ("q_proj", "k_proj", "v_proj"))
 
 
 def test_writes_json_table_and_plot(smoke_run, tiny):
@@ -92,109 +92,208 @@ def test_writes_json_table_and_plot(smoke_run, tiny):
     with open(os.path.join(out, "accuracy_vs_shots.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     saved = json.load(open(os.path.join(out, "results.json")))
-    runs = {(r["protocol"], r["method"]): r for r in saved["runs"]}
-    assert set(runs) == {
-        ("few-shot", "zero-shot"),
-        ("few-shot", "linear-probe"),
-        ("few-shot", "lora"),
-        ("few-shot", "svd"),
-        ("base-to-novel", "zero-shot"),
-        ("base-to-novel", "lora"),
-        ("base-to-novel", "svd"),
+    runs = saved["runs"]
+    few = {(r["method"], r["lr"]) for r in runs if r["protocol"] == "few-shot"}
+    # every method at its paper lr and at 4x (the grid); the untrained ones once
+    assert few == {("zero-shot", None), ("linear-probe", None)} | {
+        (m, lr * f) for m, lr in saved["settings"]["paper_lr"].items() for f in (1.0, 4.0)
     }
-    for (protocol, method), run in runs.items():
-        for metric in ("accuracy",) if protocol == "few-shot" else ("base", "novel", "hm"):
-            assert 0.0 <= run[metric] <= 100.0, (protocol, method, metric)
-        if protocol == "base-to-novel":
-            expected = (
-                0.0
-                if run["base"] + run["novel"] == 0
-                else 2 * run["base"] * run["novel"] / (run["base"] + run["novel"])
-            )
-            assert run["hm"] == pytest.approx(expected)
-        if method in ("lora", "svd"):
-            assert run["steps"] == 2 and math.isfinite(run["final_loss"])
-    # the progress bar's plan is the steps the runs took
-    assert saved["planned_training_steps"] == sum(r.get("steps", 0) for r in saved["runs"]) == 8
-    # 5 classes x 1 shot; base-to-novel trains on the first 3 classes at 16 shots (6 images each)
-    assert (
-        runs[("few-shot", "lora")]["train_images"] == 5
-        and runs[("few-shot", "linear-probe")]["train_images"] == 5
-    )
-    assert runs[("base-to-novel", "svd")]["train_images"] == 18
-    # LoRA is CLIP-LoRA's: rank 2 on q/k/v of both encoders; its lr and SVD's are the recipes'
-    assert runs[("few-shot", "lora")]["trainable_parameters"] == _lora_parameter_count(tiny[0])
-    assert runs[("few-shot", "lora")]["lr"] == 2e-4 and runs[("few-shot", "svd")]["lr"] == 5e-4
-    assert runs[("base-to-novel", "svd")]["lr"] == 4e-4
+    b2n = {(r["method"], r["lr"]) for r in runs if r["protocol"] == "base-to-novel"}
+    assert {m for m, _ in b2n} == {"zero-shot", "lora", "svd", "coop"}  # no classifier for unseen classes otherwise
+    for r in runs:
+        for metric in ("accuracy", "val_accuracy") if r["protocol"] == "few-shot" else ("base", "novel", "hm"):
+            assert 0.0 <= r[metric] <= 100.0, (r["method"], metric)
+        if r["protocol"] == "base-to-novel" and r["method"] != "zero-shot":
+            assert r["hm"] == pytest.approx(2 * r["base"] * r["novel"] / (r["base"] + r["novel"]) if r["base"] + r["novel"] else 0.0)
+            assert r["train_images"] == 3 * 6  # first 3 of 5 classes, 16 shots of the 6 images each has
+        if r["method"] in ("lora", "svd", "coop"):
+            assert r["steps"] == 2 and math.isfinite(r["final_loss"])
+            assert r["augmentation"] == {"name": "glyph", "crop_scale": [0.5, 1.0], "flip": False}
+            if r["protocol"] == "few-shot":
+                assert set(r["retention_accuracy"]) == {"other"}
+    lora = next(r for r in runs if r["method"] == "lora" and r["protocol"] == "few-shot")
+    assert lora["trainable_parameters"] == _lora_parameter_count(tiny[0])
+    # the dataset's settings are recorded, and the calls
+    assert saved["templates"] == {tiny[1]: "a photo of a {} thing."}
+    assert saved["augmentations"][tiny[1]]["name"] == "glyph"
+    assert len(saved["calls"]) == 1 and saved["calls"][0]["command"].startswith("python benchmarks/quality.py")
     table = open(os.path.join(out, "table.md")).read()
-    lp = runs[("few-shot", "linear-probe")]["accuracy"]
-    assert f"| colors | linear probe | {lp:.1f} |" in table
-    assert "| colors | peft-svd |" in table and "| HM |" in table
-    assert record["summary"]["few_shot"]["colors"]["svd"][1]["mean"] == pytest.approx(
-        runs[("few-shot", "svd")]["accuracy"]
-    )
+    assert "| colors | peft-svd, tuned lr |" in table and "| HM |" in table and "Learning rates picked" in table
+    assert "template `a photo of a {} thing.`, augmentation glyph" in table
 
 
-def test_resume_reuses_runs_and_refuses_other_settings(quality, smoke_run, tiny, monkeypatch):
+def test_learning_rate_is_picked_on_validation_never_on_test(quality, runs_module, smoke_run, tiny):
+    _, record = smoke_run
+    for method, sel in record["selection"][tiny[1]].items():
+        grid = {r["lr"]: r for r in record["runs"] if r["method"] == method and r["protocol"] == "few-shot" and r["lr"] is not None}
+        best = max(sorted(grid), key=lambda lr: grid[lr]["val_accuracy"])  # the smaller lr on a tie
+        assert sel["lr"] == pytest.approx(best), method
+        assert record["recipe_lrs"][f"{tiny[1]}|few-shot|{method}|tuned"] == sel["lr"]
+
+
+def test_choose_learning_rates_ignores_the_test_split(quality, runs_module):
+    args = quality.parse_args(["--datasets", "d", "--methods", "svd", "--lr-factors", "1", "4", "16", "--seeds", "1"])
+    records = {}
+    for f, val, test in ((1.0, 50.0, 90.0), (4.0, 70.0, 10.0), (16.0, 70.0, 20.0)):
+        run = quality._run(args, args.specs[0], "few-shot", "svd", args.select_shots, 1, runs_module.PAPER_LR["svd"] * f)
+        records[run.key()] = {"val_accuracy": val, "accuracy": test, "dataset_name": "d"}
+    chosen = quality.choose_learning_rates(args, records)["d"]["svd"]
+    assert chosen["factor"] == 4.0  # best validation, the smaller of the tie; the test split's best (1x) is ignored
+
+
+def test_resume_reuses_runs_keeps_calls_and_refuses_other_settings(quality, runs_module, smoke_run, tiny, monkeypatch):
     out, first = smoke_run
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("a run recorded in results.json was trained again")
+    def no_training(self, run):
+        raise AssertionError("a run recorded in results.json was run again")
 
-    monkeypatch.setattr(quality, "_train_and_evaluate", no_training)
+    monkeypatch.setattr(runs_module.Worker, "execute", no_training)
     with pytest.raises(SystemExit, match="--resume"):
         quality.main(_args(*tiny, out))
     again = quality.main(_args(*tiny, out, "--resume"))
     assert again["runs"] == first["runs"]
+    assert [c["command"] for c in again["calls"]][-1].endswith("--resume") and len(again["calls"]) == 2
     with pytest.raises(SystemExit, match="other settings"):
-        quality.main(_args(*tiny, out, "--resume", "--lora-lr", "1e-3"))
+        quality.main(_args(*tiny, out, "--resume", "--lr-factors", "1", "2"))
 
 
-def test_summary_means_spreads_and_average(quality):
-    runs = [
-        {"dataset": d, "protocol": "few-shot", "method": "svd", "shots": 2, "seed": s, "accuracy": a}
-        for d, s, a in [
-            ("a", 1, 50.0),
-            ("a", 2, 60.0),
-            ("a", 3, 70.0),
-            ("b", 1, 10.0),
-            ("b", 2, 20.0),
-            ("b", 3, 90.0),
-        ]
-    ] + [
-        {
-            "dataset": "a",
-            "protocol": "base-to-novel",
-            "method": "lora",
-            "shots": 16,
-            "seed": 1,
-            "base": 80.0,
-            "novel": 40.0,
-            "hm": 53.3,
-        },
-    ]
-    summary = quality.summarize(runs, ["a", "b"])
-    a = summary["few_shot"]["a"]["svd"][2]
+def test_per_dataset_flags(quality):
+    args = quality.parse_args(["--datasets", "a", "b", "--template", "x {}.", "y {}.", "--augment", "glyph",
+                               "--base-to-novel", "no", "yes"])
+    assert [s.template for s in args.specs] == ["x {}.", "y {}."]
+    assert [s.augment for s in args.specs] == ["glyph", "glyph"]
+    assert [s.base_to_novel for s in args.specs] == [False, True]
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--datasets", "a", "b", "--template", "x {}.", "y {}.", "z {}."])  # 3 templates, 2 datasets
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--datasets", "a", "--template", "no placeholder"])
+
+
+def test_generic_template_is_warned_about(quality, runs_module, tiny, capsys):
+    args = quality.parse_args(["--model", tiny[0], "--datasets", tiny[1], "--retention", "none"])
+    worker = runs_module.Worker(tiny[0], args.specs, threads=1)
+    quality._describe_datasets(args, worker)
+    assert "no template known" in capsys.readouterr().err
+
+
+def test_summary_targets_and_average(quality):
+    def few(d, m, k, s, a, lr=None, **extra):
+        return {"dataset": d, "protocol": "few-shot", "method": m, "shots": k, "seed": s, "accuracy": a, "lr": lr, **extra}
+
+    runs = [few(d, "svd", 2, s, a, 1e-3, retention_accuracy={"g": r}) for d, s, a, r in
+            [("a", 1, 50.0, 80.0), ("a", 2, 60.0, 82.0), ("a", 3, 70.0, 84.0), ("b", 1, 10.0, 70.0), ("b", 2, 20.0, 72.0), ("b", 3, 90.0, 74.0)]]
+    runs += [few(d, "lora", 2, s, 40.0, 2e-3, retention_accuracy={"g": 60.0}) for d in "ab" for s in (1, 2, 3)]
+    runs += [few(d, "zero-shot", 0, 0, 30.0) for d in "ab"]
+    record = {
+        "settings": {"datasets": [{"source": "a"}, {"source": "b"}], "methods": ["zero-shot", "lora", "svd"], "recipes": ["tuned"],
+                     "shots": [2], "seeds": [1, 2, 3], "base_to_novel_shots": 16, "select_shots": 2},
+        "dataset_names": {"a": "a", "b": "b"},
+        "recipe_lrs": {"a|few-shot|svd|tuned": 1e-3, "b|few-shot|svd|tuned": 1e-3, "a|few-shot|lora|tuned": 2e-3,
+                       "b|few-shot|lora|tuned": 2e-3},
+        "retention_zero_shot": {"g": 85.0},
+        "runs": runs,
+    }
+    summary = quality.summarize(record)
+    a = summary["few_shot"]["a"]["svd/tuned"][2]
     assert (a["mean"], a["std"], a["min"], a["max"], a["n"]) == (60.0, 10.0, 50.0, 70.0, 3)
-    average = summary["few_shot"]["average"]["svd"][2]  # per seed: 30, 40, 80
+    average = summary["few_shot"]["average"]["svd/tuned"][2]  # per seed: 30, 40, 80
     assert average["mean"] == pytest.approx(50.0) and (average["min"], average["max"]) == (30.0, 80.0)
-    assert summary["base_to_novel"]["a"]["lora"]["hm"]["mean"] == 53.3
-    assert "lora" not in summary["base_to_novel"].get("average", {})  # dataset b has no base-to-novel run
-    table = quality.markdown_tables(summary, [2], ["svd", "lora"])
-    assert "| a | peft-svd | 60.0 ± 10.0 |" in table and "| average | peft-svd | 50.0 ± 26.5 |" in table
+    assert summary["retention"]["average"]["svd/tuned"]["g"]["mean"] == pytest.approx(77.0)
+    targets = {t: ok for t, _, ok in quality.check_targets(summary, record)}
+    assert targets == {"peft-svd >= LoRA at 2 shots": True, "peft-svd retention on g >= LoRA's": True,
+                       "peft-svd retention on g within 5 points of zero-shot": False}
+    table = quality.markdown_tables(summary, record)
+    assert "| a | peft-svd, tuned lr | 60.0 ± 10.0 |" in table and "| average | peft-svd, tuned lr | 50.0 ± 26.5 |" in table
+    assert "| peft-svd retention on g within 5 points of zero-shot | 77.0 vs 85.0 | **no** |" in table
 
 
-def test_augmentation_check_scores_every_view(tiny, tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "quality_augmentation", os.path.join(ROOT, "benchmarks", "quality_augmentation.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out = tmp_path / "augmentation.json"
-    results = module.main(["--model", tiny[0], "--datasets", tiny[1], "--threads", "1", "--json", str(out)])
-    assert set(results["colors"]) == set(module.VIEWS)
-    for scores in results["colors"].values():
-        assert 0.0 <= scores["accuracy"] <= 100.0 and scores["cross_entropy"] > 0
-    # the crop and flip draws are random: an augmented view is not the clean one
-    assert results["colors"]["crop 0.08-1"] != results["colors"]["clean (evaluation)"]
-    assert json.load(open(out))["results"] == results
+# -- the data paths the benchmark uses ---------------------------------------------------------
+
+
+def test_cached_pixel_evaluation_equals_the_library_evaluation(runs_module, tiny):
+    from accelerate import Accelerator
+
+    from peft_svd.fewshot import evaluation
+
+    spec = runs_module.DatasetSpec(tiny[1], template="a photo of a {} thing.")
+    worker = runs_module.Worker(tiny[0], [spec], threads=1)
+    task = worker.task(tiny[1])
+    ours = runs_module.accuracy(worker.base, worker.tokenizer, task, task.test_split)
+    library = evaluation.evaluate_protocol(Accelerator(cpu=True), worker.base, worker.tokenizer, worker.image_processor, task.data,
+                                           task.test_split, task.template, zero_shot=False)["adapted"]["accuracy"]
+    assert ours == pytest.approx(library)
+    base, novel = runs_module.fsdata.base_novel_classes(task.data.num_classes)
+    ours_novel = runs_module.accuracy(worker.base, worker.tokenizer, task, task.test_split, classes=novel)
+    library_novel = evaluation.evaluate_protocol(Accelerator(cpu=True), worker.base, worker.tokenizer, worker.image_processor,
+                                                 task.data, task.test_split, task.template, classes="novel",
+                                                 zero_shot=False)["adapted"]["accuracy"]
+    assert ours_novel == pytest.approx(library_novel)
+
+
+# -- the baselines -----------------------------------------------------------------------------
+
+
+def _tiny_model_and_data(tiny):
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(tiny[0])
+    return model, AutoTokenizer.from_pretrained(tiny[0]), AutoImageProcessor.from_pretrained(tiny[0])
+
+
+def test_coop_context_replaces_the_placeholders_and_a_step_lowers_the_loss(baselines, tiny):
+    from peft_svd.fewshot.zeroshot import encode_text, tokenize_prompts
+
+    model, tokenizer, _ = _tiny_model_and_data(tiny)
+    names = ["red", "green", "blue"]
+    coop = baselines.CoOpClassifier(model, tokenizer, names, n_ctx=4, generator=torch.Generator().manual_seed(0))
+    assert [p.requires_grad for p in coop.parameters()].count(True) == 1 and coop.ctx.shape == (4, model.config.text_config.hidden_size)
+    # with the context set to the placeholder's own embedding, the features are the plain prompts'
+    embedding = baselines.token_embedding(model)
+    with torch.no_grad():
+        coop.ctx.copy_(embedding.weight[coop.input_ids[0, 1]].expand(4, -1))
+        plain = tokenize_prompts(tokenizer, [f"x x x x {n}." for n in names])
+        assert torch.allclose(coop.text_features(), encode_text(model, plain["input_ids"], plain["attention_mask"]), atol=1e-6)
+    # a learned context changes them; the frozen encoders get no gradient; SGD steps lower the loss
+    pixels, targets = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    optimizer, schedule = baselines.coop_optimizer_and_schedule(coop, lr=0.5, num_steps=20, steps_per_epoch=1)
+    losses = []
+    for _ in range(20):
+        loss = torch.nn.functional.cross_entropy(coop(pixels), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    assert coop(pixels).shape == (6, 3) and losses[-1] < losses[1]
+    assert all(p.grad is None for n, p in coop.named_parameters() if n != "ctx")
+
+
+def test_coop_schedule_warms_up_for_one_epoch_then_follows_a_cosine(baselines, tiny):
+    model, tokenizer, _ = _tiny_model_and_data(tiny)
+    coop = baselines.CoOpClassifier(model, tokenizer, ["a", "b"], n_ctx=2)
+    optimizer, schedule = baselines.coop_optimizer_and_schedule(coop, lr=2e-3, num_steps=12, steps_per_epoch=2)
+    lrs = []
+    for _ in range(12):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[:2] == [pytest.approx(1e-5)] * 2 and lrs[2] == pytest.approx(2e-3)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False)) and lrs[-1] < 2e-4
+    assert [baselines.coop_epochs(k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+
+
+def test_tip_adapter_is_zero_shot_plus_cache_and_fitting_lowers_the_loss(baselines):
+    g = torch.Generator().manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    keys = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    tip = baselines.TipAdapterF(keys, labels, text, scale=20.0, alpha=0.5, beta=2.0)
+    f = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    expected = 20.0 * f @ text.t() + 0.5 * torch.exp(-2.0 * (1 - f @ keys.t())) @ torch.nn.functional.one_hot(labels, 3).float()
+    assert torch.allclose(tip.logits(f), expected, atol=1e-6)
+    noisy = [torch.nn.functional.normalize(keys + 0.05 * torch.randn(6, 8, generator=g), dim=-1) for _ in range(20)]
+    before = torch.nn.functional.cross_entropy(tip.logits(noisy[0]), labels).item()
+    tip.fit(noisy, labels, lr=1e-2, eps=1e-4, batch_size=4, generator=g)
+    assert torch.nn.functional.cross_entropy(tip.logits(noisy[0]), labels).item() < before
+    alpha, beta, accuracy = tip.search(noisy[0], labels)
+    assert alpha in baselines.TIP_ALPHA_GRID and beta in baselines.TIP_BETA_GRID and accuracy == 100.0

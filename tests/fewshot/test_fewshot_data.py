@@ -8,10 +8,12 @@ from PIL import Image
 from tiny_fewshot import write_imagefolder
 
 from peft_svd.fewshot.data import (
+    AUGMENTATIONS,
     FewShotOrder,
     FewShotTrainSet,
     TrainTransform,
     UnreadableImageError,
+    augmentation_for,
     base_novel_classes,
     check_images,
     check_labelled,
@@ -250,3 +252,61 @@ def test_a_folder_with_one_class_says_so(tmp_path):
     root = write_imagefolder(str(tmp_path / "one"), train_per_class=2, test_per_class=1, classes=("red",))
     with pytest.raises(ValueError, match=r"single class folder \('red'\).*at least two classes"):
         load_image_classification(root)
+
+
+def test_augmentation_presets_and_overrides():
+    glyphs = type("Data", (), {"augmentation": "glyph"})()
+    photos = type("Data", (), {"augmentation": None})()
+    assert augmentation_for(photos) is AUGMENTATIONS["natural"]  # the paper's: crop 0.08-1 + flip
+    assert augmentation_for(glyphs) is AUGMENTATIONS["glyph"] and AUGMENTATIONS["glyph"].flip is False
+    assert augmentation_for(glyphs, "natural") is AUGMENTATIONS["natural"]
+    custom = augmentation_for(photos, crop_scale=(0.5, 1.0))
+    assert (custom.name, custom.crop_scale, custom.flip) == ("custom", (0.5, 1.0), True)
+    assert augmentation_for(photos, "glyph", crop_scale=(0.5, 1), flip=False) is AUGMENTATIONS["glyph"]
+    with pytest.raises(ValueError, match="--augment 'mirror'"):
+        augmentation_for(photos, "mirror")
+    with pytest.raises(ValueError, match="--crop-scale"):
+        augmentation_for(photos, crop_scale=(0.0, 1.0))
+
+
+def test_builtin_datasets_say_they_hold_glyphs(colors_dir):
+    assert load_image_classification("builtin:digits").augmentation == "glyph"
+    assert load_image_classification(colors_dir).augmentation is None
+
+
+class _ClipProcessor(_Processor):  # a square input: resize the shortest edge, centre-crop, normalise
+    def __call__(self, images, return_tensors="pt"):
+        from transformers import CLIPImageProcessor
+
+        real = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, resample=3,
+                                  image_mean=self.image_mean, image_std=self.image_std)
+        return real(images=images, return_tensors=return_tensors)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (32, 32), (40, 24)])
+def test_no_augmentation_is_the_evaluation_preprocessing(size):
+    """The "none" augmentation crops nothing: the same central box as the evaluation's resize and
+    centre crop, so training sees the evaluation's images (up to resampling rounding)."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    transform = TrainTransform(_ClipProcessor(), scale=AUGMENTATIONS["none"])
+    ours = transform(image, np.random.default_rng(1))
+    theirs = _ClipProcessor()(images=image)["pixel_values"][0]
+    assert ours.shape == theirs.shape
+    if size[0] == size[1]:
+        # square: one resize of the whole image in both, equal up to uint8 rounding (1/255 / std)
+        assert (ours - torch.as_tensor(theirs)).abs().max() <= 1 / 255 / 0.25 + 1e-5
+    else:
+        left, top, right, bottom = transform._box(*size, np.random.default_rng(0))
+        assert (right - left, bottom - top) == (24, 24) and (left, top) == (8, 0)  # the central square
+    assert torch.equal(ours, transform(image, np.random.default_rng(2)))  # nothing random is left
+
+
+def test_cached_images_give_the_same_training_images(colors_dir):
+    data = load_image_classification(colors_dir)
+    transform = TrainTransform(_Processor(), scale=(0.3, 1.0))
+    plain = FewShotTrainSet(data.splits["train"], rows=[0, 1, 2], targets=[0, 0, 1], transform=transform, seed=3)
+    cached = FewShotTrainSet(data.splits["train"], rows=[0, 1, 2], targets=[0, 0, 1], transform=transform, seed=3, cache_images=True)
+    for item in [(0, 0), (1, 1), (2, 2), (0, 3), (1, 7)]:
+        assert torch.equal(plain[item][0], cached[item][0]) and plain[item][1] == cached[item][1]
+    assert len(cached._images) == 3
