@@ -145,6 +145,9 @@ def parse_args(argv=None):
     g.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "quality"),
                    help="Where results.json, table.md and accuracy_vs_shots.png go.")
     g.add_argument("--resume", action="store_true", help="Continue the benchmark of an existing results.json (same settings).")
+    g.add_argument("--report-only", action="store_true",
+                   help="Run nothing: write table.md and the plot from the runs of an existing results.json that this "
+                   "call's settings ask for (cells with fewer seeds than asked show their count).")
     args = p.parse_args(argv)
 
     n = len(args.datasets)
@@ -254,9 +257,9 @@ def protocol_runs(args, lrs: dict) -> tuple[list[qr.Run], dict]:
         runs.setdefault(run.key(), run)
         if run.method not in LR_METHODS or tuned.get((run.dataset, run.protocol, run.method)) == run.lr:
             level = 0 if run.protocol == "few-shot" else 1
-        else:
-            level = 2
-        priority[run.key()] = min(priority.get(run.key(), 9), level)
+        else:  # the paper recipes, a seed at a time, so that a stopped benchmark has whole seeds
+            level = 2 + args.seeds.index(run.seed)
+        priority[run.key()] = min(priority.get(run.key(), 99), level)
 
     for spec in args.specs:
         if "zero-shot" in args.methods:
@@ -355,8 +358,8 @@ def _matching(record: dict, dataset: str, protocol: str, method: str, recipe: st
     """The runs of one table row on one dataset."""
     lr = record["recipe_lrs"].get(f"{dataset}|{protocol}|{method}|{recipe}") if recipe else None
     return [r for r in record["runs"] if r["dataset"] == dataset and r["protocol"] == protocol and r["method"] == method
-            and (not recipe or r.get("lr") == lr) and (protocol != "few-shot" or method == "zero-shot"
-                                                        or r["shots"] in record["settings"]["shots"])]
+            and (not recipe or r.get("lr") == lr) and (method == "zero-shot" or r["seed"] in record["settings"]["seeds"])
+            and (protocol != "few-shot" or method == "zero-shot" or r["shots"] in record["settings"]["shots"])]
 
 
 def summarize(record: dict) -> dict:
@@ -412,27 +415,33 @@ def _label(row: str, record: dict | None = None) -> str:
     return LABELS[method] + (f", {recipe} lr" if recipe else "")
 
 
-def _cell(s: dict | None) -> str:
+def _cell(s: dict | None, seeds: int = 1) -> str:
+    """`mean ± std`, with the number of seeds when fewer than `seeds` ran."""
     if s is None:
         return "-"
-    return f"{s['mean']:.1f}" if s["n"] == 1 else f"{s['mean']:.1f} ± {s['std']:.1f}"
+    text = f"{s['mean']:.1f}" if s["n"] == 1 else f"{s['mean']:.1f} ± {s['std']:.1f}"
+    return text + (f" (n={s['n']})" if s["n"] < seeds else "")
 
 
 def markdown_tables(summary: dict, record: dict) -> str:
     """Returns the Markdown tables: few-shot (rows dataset x method, columns K), base-to-novel,
     retention, learning-rate selection and the targets."""
     shots = record["settings"]["shots"]
+
+    def n(row):
+        return 1 if row == "zero-shot" else len(record["settings"]["seeds"])
+
     lines = ["| dataset | method | " + " | ".join(f"{k} shot{'s' if k > 1 else ''}" for k in shots) + " |",
              "|---|---|" + "---|" * len(shots)]
     for dataset, rows in summary["few_shot"].items():
         for row, cells in rows.items():
-            lines.append(f"| {dataset} | {_label(row)} | " + " | ".join(_cell(cells.get(k)) for k in shots) + " |")
+            lines.append(f"| {dataset} | {_label(row)} | " + " | ".join(_cell(cells.get(k), n(row)) for k in shots) + " |")
     if summary["base_to_novel"]:
         lines += ["", f"Base-to-novel ({record['settings']['base_to_novel_shots']} shots per base class):", "",
                   "| dataset | method | base | novel | HM |", "|---|---|---|---|---|"]
         for dataset, rows in summary["base_to_novel"].items():
             for row, m in rows.items():
-                lines.append(f"| {dataset} | {_label(row)} | {_cell(m.get('base'))} | {_cell(m.get('novel'))} | {_cell(m.get('hm'))} |")
+                lines.append(f"| {dataset} | {_label(row)} | {_cell(m.get('base'), n(row))} | {_cell(m.get('novel'), n(row))} | {_cell(m.get('hm'), n(row))} |")
     if summary["retention"]:
         zero = record["retention_zero_shot"]
         targets = [d for d in summary["retention"] if d != "average"]
@@ -444,7 +453,7 @@ def markdown_tables(summary: dict, record: dict) -> str:
         rows = dict.fromkeys(row for t in targets for row in summary["retention"][t])
         for other in zero:
             for row in rows:
-                cells = [_cell(summary["retention"][t].get(row, {}).get(other)) for t in targets]
+                cells = [_cell(summary["retention"][t].get(row, {}).get(other), n(row)) for t in targets]
                 lines.append(f"| {other} | {_label(row)} | " + " | ".join(cells) + " |")
     if record.get("selection"):
         lines += ["", f"Learning rates picked on the validation split ({record['settings']['select_shots']} shots, "
@@ -609,7 +618,7 @@ def _settings(args, model_name: str) -> dict:
 def _open_record(args, results_path: str, settings: dict) -> dict:
     if not os.path.exists(results_path):
         return {"calls": [], "runs": []}
-    if not args.resume:
+    if not (args.resume or args.report_only):
         raise SystemExit(f"error: {results_path} exists; pass --resume to continue it, or another --output-dir")
     with open(results_path) as f:
         previous = json.load(f)
@@ -633,6 +642,20 @@ def _describe_datasets(args, runner_worker) -> tuple[dict, dict, dict]:
     return names, used_templates, augmentations
 
 
+def report_only(args, record: dict, settings: dict, results_path: str) -> dict:
+    """Writes the report of the runs already in results.json that `settings` ask for."""
+    if not record["runs"]:
+        raise SystemExit(f"error: --report-only needs the results.json of a benchmark; {results_path} does not exist")
+    record["settings"] = settings
+    if "tuned" in args.recipes and not record.get("selection"):
+        raise SystemExit("error: results.json has no learning-rate selection; use --recipes paper")
+    lrs = recipe_lrs(args, record.get("selection", {}))
+    record["recipe_lrs"] = {"|".join(k): v for k, v in lrs.items()}
+    tables = write_report(record, args.output_dir)
+    print(tables)
+    return record
+
+
 def main(argv=None):
     args = parse_args(argv)
     started, started_at = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -648,6 +671,8 @@ def main(argv=None):
     record = _open_record(args, results_path, settings)
     records = {qr.run_key(r): r for r in record["runs"]}
     command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.report_only:
+        return report_only(args, record, settings, results_path)
     call = {"command": command, "started": started_at, "wall_time_s": 0.0, "runs_done": 0}
     record["calls"].append(call)
 

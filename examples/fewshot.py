@@ -52,10 +52,11 @@ def parse_args(argv=None):
                    "class names and template.")
 
     g = p.add_argument_group("recipe (default: the CLIP-SVD paper's recipe, see --recipe)")
-    g.add_argument("--recipe", choices=["auto", "natural", "biomedical"], default="auto",
+    g.add_argument("--recipe", choices=["auto", "natural", "biomedical", "builtin"], default="auto",
                    help="natural: the natural-image recipe; biomedical: the dataset's biomedical recipe (lr per dataset, "
-                   "weight decay 0, epochs); auto: biomedical for the 10 biomedical datasets, else natural. The flags "
-                   "below override it.")
+                   "weight decay 0, epochs); builtin: the built-in datasets' recipe (the natural one with lr 2e-3, picked "
+                   "on their validation splits); auto: biomedical for the 10 biomedical datasets, builtin for the "
+                   "built-in datasets, else natural. The flags below override it.")
     g.add_argument("--lr", type=params.positive_float, default=None, help="Peak learning rate of AdamW (default: the recipe's; natural 5e-4).")
     g.add_argument("--weight-decay", type=params.non_negative_float, default=None,
                    help="AdamW weight decay (default: the recipe's; natural 0.01, biomedical 0).")
@@ -130,7 +131,7 @@ def default_output_dir(accelerator, args, dataset_name: str) -> str:
 
 
 def build_recipe(args, data=None):
-    """Returns the run's `FewShotRecipe`: the natural-image or the dataset's biomedical recipe (--recipe),
+    """Returns the run's `FewShotRecipe`: the natural-image, the dataset's biomedical or the built-in recipe (--recipe),
     with every value given on the command line taking precedence, and the augmentation that fits
     the dataset (--augment, `data.augmentation_for`). Without `data` only the natural recipe is
     considered (enough to check the batch before the dataset is loaded)."""
@@ -142,7 +143,13 @@ def build_recipe(args, data=None):
     augmentation = fsdata.augmentation_for(data, args.augment, crop_scale=args.crop_scale, flip=args.flip)
 
     base = {}
-    if args.recipe != "natural" and dataset_name is not None:
+    source = data.source if data is not None else None
+    if args.recipe in ("auto", "builtin") and source is not None:
+        builtin = recipes.builtin_recipe(source)
+        if builtin is None and args.recipe == "builtin":
+            raise SystemExit(f"error: --recipe builtin is the recipe of the built-in datasets (builtin:<name>), not {source!r}")
+        base = builtin or {}
+    if args.recipe in ("auto", "biomedical") and dataset_name is not None and not base:
         biomedical = recipes.biomedical_recipe(dataset_name)
         if biomedical is None and args.recipe == "biomedical":
             raise SystemExit(

@@ -244,8 +244,8 @@ def test_push_to_hub_offline_is_refused_before_training(fewshot, capsys, monkeyp
 
 
 def test_recipe_follows_the_dataset_and_flags_override_it(fewshot):
-    def recipe(name, *flags, augmentation=None):
-        data = types.SimpleNamespace(name=name, augmentation=augmentation)  # what build_recipe reads of a dataset
+    def recipe(name, *flags, augmentation=None, source=None):
+        data = types.SimpleNamespace(name=name, source=source or name, augmentation=augmentation)  # what build_recipe reads
         return fewshot.build_recipe(fewshot.parse_args(list(flags)), data)
 
     natural = recipe("eurosat")
@@ -257,11 +257,17 @@ def test_recipe_follows_the_dataset_and_flags_override_it(fewshot):
     assert recipe("BTMRI", "--recipe", "natural").lr == 5e-4
     with pytest.raises(SystemExit, match="no biomedical recipe for dataset 'eurosat'"):
         recipe("eurosat", "--recipe", "biomedical")
+    # the built-in datasets get the built-in recipe (lr picked on their validation splits)
+    assert recipe("digits", source="builtin:digits").lr == 2e-3
+    assert recipe("digits", "--recipe", "natural", source="builtin:digits").lr == 5e-4
+    assert recipe("digits", "--lr", "1e-3", source="builtin:digits").lr == 1e-3
+    with pytest.raises(SystemExit, match="--recipe builtin"):
+        recipe("eurosat", "--recipe", "builtin")
 
 
 def test_augmentation_fits_the_dataset_and_flags_override_it(fewshot):
     def recipe(*flags, augmentation=None):
-        data = types.SimpleNamespace(name="anything", augmentation=augmentation)
+        data = types.SimpleNamespace(name="anything", source="anything", augmentation=augmentation)
         r = fewshot.build_recipe(fewshot.parse_args(list(flags)), data)
         return r.augmentation, r.crop_scale, r.flip
 
