@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 
-from peft_svd.fewshot import params
+from peft_svd_cli import params
 
 
 def parse_args(argv=None):

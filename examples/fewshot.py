@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 
-from peft_svd.fewshot import output, params
+from peft_svd_cli import params
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,8 @@ def check_every_image(accelerator, checks) -> None:
 
 def main(argv=None):
     args = parse_args(argv)  # every flag is checked before anything heavy is imported
+    from peft_svd.fewshot import output
+
     if args.output_dir is not None:  # and the output folder: a refused one costs nothing
         with refusing_bad_input():
             output.check_output_dir(args.output_dir, resume=bool(args.resume_from_checkpoint), overwrite=args.overwrite_output_dir)

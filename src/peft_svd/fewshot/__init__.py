@@ -1,9 +1,8 @@
 """Few-shot adaptation of CLIP with singular-value fine-tuning: models (transformers or OpenCLIP),
 data, prompts, training, evaluation and the model card. `examples/fewshot.py` and
-`examples/evaluate_adapter.py` wire these parts; `params` holds the flags they share.
+`examples/evaluate_adapter.py` wire these parts; `peft_svd_cli.params` holds the flags they share.
 
-The names below are imported on first use, so that `peft_svd.fewshot.params` (the scripts'
-flags) loads without torch and `--help` answers at once.
+The names below are imported on first use.
 """
 
 import importlib

@@ -1,16 +1,15 @@
 """Command-line flags of the few-shot scripts, defined once for `examples/fewshot.py` and
 `examples/evaluate_adapter.py` (as OpenCLIP's training package keeps its `params`).
 
-This module imports nothing heavy (no torch, transformers, datasets), so that `--help` and
-every check of a flag's value run in a fraction of a second, before any model or dataset is
-touched. Values are checked by the argparse `type=` functions below, so an error names its flag:
+This module lives beside the `peft_svd` package, not inside it, and imports nothing heavy (no
+torch, transformers, datasets, nor `peft_svd`, whose import registers the method with PEFT), so
+that `--help` and every check of a flag's value run in a fraction of a second, before any model
+or dataset is touched. Values are checked by the argparse `type=` functions below, so an error names its flag:
 `argument --eval-batch-size: must be a positive integer, got 0`.
 """
 
 import argparse
 import math
-
-from .templates import check_template
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 
@@ -103,6 +102,10 @@ def check_model_and_dataset_args(parser: argparse.ArgumentParser, args: argparse
     """Checks the flags added by `add_model_args` and `add_dataset_args` that argparse cannot
     check alone; exits through `parser.error` (status 2) naming the flag."""
     if args.template is not None:
+        from peft_svd.fewshot.templates import (
+            check_template,  # imports the package: only when --template is given
+        )
+
         try:
             check_template(args.template)
         except ValueError as exc:

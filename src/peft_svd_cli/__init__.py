@@ -1,4 +1,5 @@
-"""The `peft-svd` command.
+"""Command-line front ends of peft-svd that answer without importing torch: the `peft-svd`
+command (this module) and the few-shot scripts' flags (`peft_svd_cli.params`).
 
 ```
 peft-svd analyze ADAPTER_DIR [--base MODEL] --out report/
