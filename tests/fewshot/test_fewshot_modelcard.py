@@ -114,3 +114,11 @@ def test_push_run_defaults_to_the_folder_name_and_refuses_an_incomplete_run(tmp_
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors missing"):
         modelcard.push_run(str(run), "me/x")
     assert ("create_repo", "me/x") not in hub.calls  # refused before anything was created
+
+
+def test_card_records_the_augmentation():
+    photos = modelcard.model_card(_summary())
+    assert "| augmentation | natural: RandomResizedCrop (scale (0.08, 1.0)) + horizontal flip |" in photos
+    recipe = {**_summary()["recipe"], "augmentation": "glyph", "crop_scale": [0.5, 1.0], "flip": False}
+    glyphs = modelcard.model_card(_summary(recipe=recipe))
+    assert "| augmentation | glyph: RandomResizedCrop (scale (0.5, 1.0)), no flip |" in glyphs
