@@ -297,3 +297,18 @@ def test_tip_adapter_is_zero_shot_plus_cache_and_fitting_lowers_the_loss(baselin
     assert torch.nn.functional.cross_entropy(tip.logits(noisy[0]), labels).item() < before
     alpha, beta, accuracy = tip.search(noisy[0], labels)
     assert alpha in baselines.TIP_ALPHA_GRID and beta in baselines.TIP_BETA_GRID and accuracy == 100.0
+
+
+def test_report_only_runs_nothing_and_counts_seeds(quality, runs_module, smoke_run, tiny, monkeypatch):
+    out, first = smoke_run
+
+    def no_run(self, run):
+        raise AssertionError("--report-only ran something")
+
+    monkeypatch.setattr(runs_module.Worker, "execute", no_run)
+    calls = json.load(open(os.path.join(out, "results.json")))["calls"]
+    record = quality.main(_args(*tiny, out, "--report-only", "--seeds", "1", "2"))  # seed 2 never ran
+    assert record["runs"] == first["runs"]
+    table = open(os.path.join(out, "table.md")).read()
+    assert "(n=1)" in table  # cells say they hold one seed of the two asked for
+    assert json.load(open(os.path.join(out, "results.json")))["calls"] == calls  # nothing recorded
