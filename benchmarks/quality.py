@@ -436,6 +436,10 @@ def markdown_tables(summary: dict, record: dict) -> str:
     for dataset, rows in summary["few_shot"].items():
         for row, cells in rows.items():
             lines.append(f"| {dataset} | {_label(row)} | " + " | ".join(_cell(cells.get(k), n(row)) for k in shots) + " |")
+    same = [LABELS[m] for m in LR_METHODS if all(sel.get(m, {}).get("factor") == 1.0 for sel in record.get("selection", {}).values())
+            and any(m in sel for sel in record.get("selection", {}).values())]
+    if same and {"paper", "tuned"} <= set(record["settings"]["recipes"]):
+        lines += ["", f"Picked lr = paper lr on every dataset (paper and tuned rows are the same runs): {', '.join(same)}."]
     if summary["base_to_novel"]:
         lines += ["", f"Base-to-novel ({record['settings']['base_to_novel_shots']} shots per base class):", "",
                   "| dataset | method | base | novel | HM |", "|---|---|---|---|---|"]
@@ -546,9 +550,9 @@ def plot(summary: dict, record: dict, path: str, title: str) -> None:
                 hatch=None, alpha=0.8, xerr=[retention[row][other]["std"] for row in rows])
         ax.axvline(zero[other], color="0.3", linestyle=":", label="zero-shot")
         ax.set_yticks(range(len(rows)), [_label(r) for r in rows], fontsize=7)
-        ax.set_xlabel(f"accuracy on {other} after adapting (%), K={max(shots)}")
+        ax.set_xlabel(f"{other} accuracy after adapting (%), K={max(shots)}", fontsize=8)
         ax.set_title("retention")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower left")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
