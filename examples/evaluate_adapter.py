@@ -32,6 +32,7 @@ def parse_args(argv=None):
                    help="Which classes: all, one half of the base-to-novel split, or both halves with their harmonic mean.")
     g = p.add_argument_group("execution")
     params.add_evaluation_args(g)
+    params.add_threads_arg(g)
     params.add_mixed_precision_arg(g)
     g.add_argument("--output", default=None, help="Write the results to this JSON file.")
     args = p.parse_args(argv)
@@ -41,6 +42,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)  # every flag is checked before anything heavy is imported
+    import torch
     from accelerate import Accelerator
 
     import peft_svd  # noqa: F401  (registers the SVD method with PEFT, needed to load the adapter)
@@ -49,6 +51,8 @@ def main(argv=None):
     from peft_svd.fewshot.modelcard import results_table
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(args.threads or params.default_threads(accelerator.num_processes, os.cpu_count()))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.ERROR)

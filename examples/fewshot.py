@@ -82,6 +82,7 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("execution")
     params.add_evaluation_args(g)
+    params.add_threads_arg(g)
     g.add_argument("--output-dir", default=None, help="Where the adapter, results.json and README.md go "
                    "(default: runs/fewshot-<dataset>-<K>shot-seed<S>-<time>).")
     g.add_argument("--overwrite-output-dir", action="store_true", help="Replace the run in a non-empty --output-dir "
@@ -216,6 +217,8 @@ def main(argv=None):
         # Nothing in the model's buffers changes during training: DDP need not re-send them every step.
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(args.threads or params.default_threads(accelerator.num_processes, os.cpu_count()))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size != accelerator.num_processes:
         raise SystemExit(

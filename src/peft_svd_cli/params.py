@@ -92,6 +92,20 @@ def add_evaluation_args(parser) -> None:
                         help="Data-loading workers per process (default: 0 on CPU, else up to 8).")
 
 
+def add_threads_arg(parser) -> None:
+    """--threads: torch's intra-op threads per process on a CPU."""
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch threads per process on a CPU (default: the cores divided among the processes). On a "
+                        "machine shared with other work, 1 is often fastest: two threads wait for each other whenever a "
+                        "core is taken.")
+
+
+def default_threads(num_processes: int, cpu_count: int | None) -> int:
+    """Threads per process on a CPU when --threads is not given: the cores divided among the
+    processes (torch's own default gives every process all cores)."""
+    return max(1, (cpu_count or 1) // max(1, num_processes))
+
+
 def add_mixed_precision_arg(parser) -> None:
     """--mixed-precision: the autocast precision of training and evaluation."""
     parser.add_argument("--mixed-precision", choices=MIXED_PRECISION_CHOICES, default=None,

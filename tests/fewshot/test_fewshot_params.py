@@ -63,3 +63,10 @@ def test_help_shows_each_default_once(script, capsys):
     assert "(default: None)" not in text and "(default: False)" not in text
     for block in _option_blocks(text):
         assert block.lower().count("default") <= 1, block
+
+
+def test_threads_default_divides_the_cores_among_the_processes():
+    from peft_svd_cli import params
+
+    assert [params.default_threads(n, 8) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    assert params.default_threads(1, None) == 1
