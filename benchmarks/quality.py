@@ -397,7 +397,7 @@ def summarize(record: dict) -> dict:
                       for d, rows in out[table].items()}
     if len(names) > 1:
         for (table, row, column), seeds in per_seed.items():
-            datasets = [d for d in out[table] if row in out[table][d]]
+            datasets = [d for d in names.values() if row in out[table].get(d, {})]
             if len(datasets) < len(names):  # an average only over every dataset
                 continue
             means = [np.mean([v[d] for d in datasets]) for v in seeds.values() if all(d in v for d in datasets)]

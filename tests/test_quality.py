@@ -183,10 +183,11 @@ def test_summary_targets_and_average(quality):
     runs = [few(d, "svd", 2, s, a, 1e-3, retention_accuracy={"g": r}) for d, s, a, r in
             [("a", 1, 50.0, 80.0), ("a", 2, 60.0, 82.0), ("a", 3, 70.0, 84.0), ("b", 1, 10.0, 70.0), ("b", 2, 20.0, 72.0), ("b", 3, 90.0, 74.0)]]
     runs += [few(d, "lora", 2, s, 40.0, 2e-3, retention_accuracy={"g": 60.0}) for d in "ab" for s in (1, 2, 3)]
+    runs += [few(d, m, 1, s, 20.0 + s, lr) for d in "ab" for s in (1, 2, 3) for m, lr in (("svd", 1e-3), ("lora", 2e-3))]
     runs += [few(d, "zero-shot", 0, 0, 30.0) for d in "ab"]
     record = {
         "settings": {"datasets": [{"source": "a"}, {"source": "b"}], "methods": ["zero-shot", "lora", "svd"], "recipes": ["tuned"],
-                     "shots": [2], "seeds": [1, 2, 3], "base_to_novel_shots": 16, "select_shots": 2},
+                     "shots": [1, 2], "seeds": [1, 2, 3], "base_to_novel_shots": 16, "select_shots": 2},
         "dataset_names": {"a": "a", "b": "b"},
         "recipe_lrs": {"a|few-shot|svd|tuned": 1e-3, "b|few-shot|svd|tuned": 1e-3, "a|few-shot|lora|tuned": 2e-3,
                        "b|few-shot|lora|tuned": 2e-3},
@@ -199,11 +200,12 @@ def test_summary_targets_and_average(quality):
     average = summary["few_shot"]["average"]["svd/tuned"][2]  # per seed: 30, 40, 80
     assert average["mean"] == pytest.approx(50.0) and (average["min"], average["max"]) == (30.0, 80.0)
     assert summary["retention"]["average"]["svd/tuned"]["g"]["mean"] == pytest.approx(77.0)
+    assert summary["few_shot"]["average"]["svd/tuned"][1]["mean"] == pytest.approx(22.0)  # every K is averaged
     targets = {t: ok for t, _, ok in quality.check_targets(summary, record)}
-    assert targets == {"peft-svd >= LoRA at 2 shots": True, "peft-svd retention on g >= LoRA's": True,
+    assert targets == {"peft-svd >= LoRA at 1 shot": True, "peft-svd >= LoRA at 2 shots": True, "peft-svd retention on g >= LoRA's": True,
                        "peft-svd retention on g within 5 points of zero-shot": False}
     table = quality.markdown_tables(summary, record)
-    assert "| a | peft-svd, tuned lr | 60.0 ± 10.0 |" in table and "| average | peft-svd, tuned lr | 50.0 ± 26.5 |" in table
+    assert "| a | peft-svd, tuned lr | 22.0 ± 1.0 | 60.0 ± 10.0 |" in table and "| average | peft-svd, tuned lr | 22.0 ± 1.0 | 50.0 ± 26.5 |" in table
     assert "| peft-svd retention on g within 5 points of zero-shot | 77.0 vs 85.0 | **no** |" in table
 
 
