@@ -190,7 +190,7 @@ def parse_args(argv=None):
 
 
 def _run(args, spec: qr.DatasetSpec, protocol: str, method: str, shots: int, seed: int, lr=None) -> qr.Run:
-    adapted = method in qr.ADAPTED and protocol == "few-shot"
+    adapted = method in qr.TRAINED and protocol == "few-shot"
     return qr.Run(
         dataset=spec.source, protocol=protocol, method=method, shots=shots, seed=seed, lr=lr,
         iters_scale=args.iters_scale, max_steps=args.max_steps, batch_size=args.batch_size,
@@ -410,7 +410,7 @@ def summarize(record: dict) -> dict:
     return out
 
 
-def _label(row: str, record: dict | None = None) -> str:
+def _label(row: str) -> str:
     method, _, recipe = row.partition("/")
     return LABELS[method] + (f", {recipe} lr" if recipe else "")
 
@@ -680,10 +680,8 @@ def main(argv=None):
     call = {"command": command, "started": started_at, "wall_time_s": 0.0, "runs_done": 0}
     record["calls"].append(call)
 
-    # The parent's own worker describes the datasets and scores zero-shot retention; with
-    # --jobs 1 it also does the runs.
-    if threads:
-        torch.set_num_threads(threads)
+    # The parent's own worker (which sets this process's threads) describes the datasets and
+    # scores zero-shot retention; with --jobs 1 it also does the runs.
     local = qr.Worker(model_name, args.specs, threads)
     names, used_templates, augmentations = _describe_datasets(args, local)
     record.update({

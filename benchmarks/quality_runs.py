@@ -29,8 +29,9 @@ from peft_svd.fewshot import data as fsdata
 from peft_svd.fewshot import templates, training
 from peft_svd.fewshot.zeroshot import encode_images, encode_text, logit_scale, tokenize_prompts
 
-TRAINED = ("lora", "svd", "coop")  # methods that train through the library's loop
-ADAPTED = ("lora", "svd", "coop")  # methods whose model differs from the base model afterwards
+# Methods that train through the library's loop, and so change the model (retention is measured
+# for them; the linear probe and Tip-Adapter-F leave the encoders as they are).
+TRAINED = ("lora", "svd", "coop")
 
 # The methods' published recipes.
 LORA_RECIPE = dict(lr=2e-4, weight_decay=0.01, iters_per_shot=500)  # CLIP-LoRA: r=2, q/k/v, 500 x K
@@ -97,7 +98,7 @@ def run_key(record: dict) -> tuple:
     return (record["dataset"], record["protocol"], record["method"], record["shots"], record["seed"], record.get("lr"))
 
 
-def training_recipe(run: Run, num_classes: int) -> training.FewShotRecipe | None:
+def training_recipe(run: Run) -> training.FewShotRecipe | None:
     """Returns the optimisation recipe of a trained run (lr, weight decay, steps), None for
     methods that do not train through the library's loop. The augmentation is set later, from
     the dataset."""
@@ -119,7 +120,7 @@ def training_recipe(run: Run, num_classes: int) -> training.FewShotRecipe | None
 def planned_steps(run: Run, num_classes: int) -> int:
     """Estimated optimisation steps of a run (for progress and scheduling; exact unless some
     class has fewer than K training images)."""
-    recipe = training_recipe(run, num_classes)
+    recipe = training_recipe(run)
     if recipe is None:
         return 50 if run.method == "tip-adapter-f" else 1
     classes = math.ceil(num_classes / 2) if run.protocol == "base-to-novel" else num_classes
@@ -296,7 +297,8 @@ class Worker:
     def _augmented_features(self, task: Task, rows, targets, seed: int, views: int) -> list[torch.Tensor]:
         """Normalised base-model features of `views` augmented passes over the K-shot images
         (list of (shots, dim)); the crops are a function of (seed, pass, image)."""
-        transform = fsdata.TrainTransform(self.image_processor, scale=task.augmentation)
+        aug = task.augmentation
+        transform = fsdata.TrainTransform(self.image_processor, scale=aug.crop_scale, flip=aug.flip)
         dataset = fsdata.FewShotTrainSet(task.data.splits[task.train_split], rows, targets, transform, seed=seed, cache_images=True)
         out = []
         for v in range(views):
@@ -342,7 +344,7 @@ class Worker:
 
         task = self.task(run.dataset)
         classes, rows, targets = self._shots(task, run)
-        recipe = training_recipe(run, task.data.num_classes)
+        recipe = training_recipe(run)
         aug = task.augmentation
         recipe.augmentation, recipe.crop_scale, recipe.flip = aug.name, aug.crop_scale, aug.flip
         num_steps = recipe.num_steps(run.shots, len(rows))
@@ -352,7 +354,6 @@ class Worker:
         if run.logit_scale is not None:
             with torch.no_grad():
                 model.logit_scale.fill_(math.log(run.logit_scale))
-        prompts = tokenize_prompts(self.tokenizer, task.prompts(classes))
         if run.method == "coop":
             names = [task.data.class_names[c] for c in classes]
             classifier = baselines.CoOpClassifier(model, self.tokenizer, names, n_ctx=baselines.COOP_RECIPE["n_ctx"],
@@ -365,7 +366,7 @@ class Worker:
             config = LoraConfig(**LORA_CONFIG) if run.method == "lora" else peft_svd.SVDConfig()
             model = adapt(model, config)
             trainable, _ = model.get_nb_trainable_parameters()
-            classifier = training.PromptClassifier(model, prompts)
+            classifier = training.PromptClassifier(model, tokenize_prompts(self.tokenizer, task.prompts(classes)))
             optimizer = training.build_optimizer(classifier, recipe)
             scheduler = training.build_scheduler(optimizer, recipe, num_steps)
         train_set = fsdata.FewShotTrainSet(

@@ -6,6 +6,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from peft_svd import SVDConfig, iter_svd_layers
+from tiny_models import randomize_deltas as _randomize
 from tiny_towers import SeparateAttention, TimmAttention, TimmViT, reference_adapted_weight
 
 D, HEADS, TOKENS = 12, 3, 5
@@ -19,13 +20,6 @@ class _Holder(nn.Module):
     def forward(self, x):
         return self.attn(x)
 
-
-def _randomize(model, scale=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in iter_svd_layers(model):
-            d = layer.svd_delta["default"]
-            d.copy_(torch.randn(d.shape, generator=g) * scale * layer.svd_S.mean())
 
 
 def test_qkv_is_split_in_three_blocks_with_their_own_singular_values():

@@ -10,14 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_svd import SVDConfig, iter_svd_layers
 from tiny_models import MLP, clip_inputs, tiny_clip
-
-
-def _randomize(model, adapter="default", scale=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in iter_svd_layers(model):
-            d = layer.svd_delta[adapter]
-            d.copy_(torch.randn(d.shape, generator=g) * scale * layer.svd_S.mean())
+from tiny_models import randomize_deltas as _randomize
 
 
 def _saved_adapter(tmp_path, **config):

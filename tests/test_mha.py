@@ -9,6 +9,7 @@ from torch import nn
 import peft_svd
 from peft_svd import SVDConfig, iter_svd_layers
 from peft_svd.layer_mha import MultiheadAttention as SVDMultiheadAttention
+from tiny_models import randomize_deltas as _randomize
 from tiny_towers import (
     OpenCLIPAttention,
     SeparateAttention,
@@ -42,13 +43,6 @@ def _attention(kind, dtype=torch.float64, seed=0):
         attn.out_proj.bias.normal_(0, 0.1)
     return attn.to(dtype)
 
-
-def _randomize(model, scale=0.3, seed=0, adapter="default"):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in iter_svd_layers(model):
-            d = layer.svd_delta[adapter]
-            d.copy_(torch.randn(d.shape, generator=g) * scale * layer.svd_S.mean())
 
 
 def _causal(n, dtype):

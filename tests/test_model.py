@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import peft_svd
 from peft_svd import SVDConfig, iter_svd_layers
 from tiny_models import MLP, clip_inputs, tiny_clip
+from tiny_models import randomize_deltas as _randomize
 
 CLIP_TARGETS = {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
 
@@ -20,13 +21,6 @@ def _logits(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits_per_image
 
-
-def _randomize(model, adapter="default", scale=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in iter_svd_layers(model):
-            d = layer.svd_delta[adapter]
-            d.copy_(torch.randn(d.shape, generator=g) * scale * layer.svd_S.mean())
 
 
 def test_default_targets_cover_both_encoders_and_count_matches():

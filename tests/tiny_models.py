@@ -58,3 +58,15 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.norm(self.lin1(self.act(self.lin0(x))))
+
+
+def randomize_deltas(model, adapter="default", scale=0.3, seed=0):
+    """Sets every SVD layer's change of `adapter` to seeded noise of `scale` x the layer's mean
+    singular value (a trained-looking adapter)."""
+    from peft_svd import iter_svd_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in iter_svd_layers(model):
+            d = layer.svd_delta[adapter]
+            d.copy_(torch.randn(d.shape, generator=g) * scale * layer.svd_S.mean())

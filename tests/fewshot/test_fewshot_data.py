@@ -289,7 +289,8 @@ def test_no_augmentation_is_the_evaluation_preprocessing(size):
     centre crop, so training sees the evaluation's images (up to resampling rounding)."""
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    transform = TrainTransform(_ClipProcessor(), scale=AUGMENTATIONS["none"])
+    none = AUGMENTATIONS["none"]
+    transform = TrainTransform(_ClipProcessor(), scale=none.crop_scale, flip=none.flip)
     ours = transform(image, np.random.default_rng(1))
     theirs = _ClipProcessor()(images=image)["pixel_values"][0]
     assert ours.shape == theirs.shape

@@ -552,15 +552,13 @@ class TrainTransform:
 
     Args:
         image_processor: the model's image processor (input size, resample filter, mean, std).
-        scale: range of the crop area as a fraction of the image area, or an `Augmentation`
-            (which then also sets `flip`).
+        scale: range of the crop area as a fraction of the image area (an `Augmentation`'s
+            `crop_scale`).
         ratio: range of the crop aspect ratio (width / height).
         flip: whether to flip horizontally with probability 1/2.
     """
 
     def __init__(self, image_processor, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True):
-        if isinstance(scale, Augmentation):
-            scale, flip = scale.crop_scale, scale.flip
         (self.height, self.width), self.resample = _processor_geometry(image_processor)
         self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), flip
         self.mean = np.asarray(image_processor.image_mean, dtype=np.float32).reshape(3, 1, 1)

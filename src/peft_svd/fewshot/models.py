@@ -550,16 +550,17 @@ def _transformers_layouts(base) -> dict[str, EncoderLayout]:
     return layouts
 
 
+def _packed_block(index: int, attention, packed: str, out, fc1, fc2) -> BlockLayout:
+    """The layout of a block whose attention packs q, k and v in one projection named `packed`."""
+    q, k, v = _packed(attention, packed)
+    return BlockLayout(index, _num_heads_of(attention), q, k, v, Projection(out), Projection(fc1), Projection(fc2))
+
+
 def _open_clip_resblocks(transformer) -> list[BlockLayout]:
-    blocks = []
-    for index, block in enumerate(transformer.resblocks):
-        attention = block.attn
-        q, k, v = _packed(attention, "in_proj")
-        blocks.append(BlockLayout(
-            index, _num_heads_of(attention), q, k, v, Projection(attention.out_proj),
-            Projection(block.mlp.c_fc), Projection(block.mlp.c_proj),
-        ))  # fmt: skip
-    return blocks
+    return [
+        _packed_block(i, block.attn, "in_proj", block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj)
+        for i, block in enumerate(transformer.resblocks)
+    ]
 
 
 def _open_clip_layouts(base) -> dict[str, EncoderLayout]:
@@ -573,14 +574,10 @@ def _open_clip_layouts(base) -> dict[str, EncoderLayout]:
         )
     elif hasattr(getattr(getattr(visual, "trunk", None), "blocks", None), "__len__"):  # timm trunk (BiomedCLIP)
         trunk = visual.trunk
-        blocks = []
-        for index, block in enumerate(trunk.blocks):
-            attention = block.attn
-            q, k, v = _packed(attention, "qkv")
-            blocks.append(BlockLayout(
-                index, _num_heads_of(attention), q, k, v, Projection(attention.proj),
-                Projection(block.mlp.fc1), Projection(block.mlp.fc2),
-            ))  # fmt: skip
+        blocks = [
+            _packed_block(i, block.attn, "qkv", block.attn.proj, block.mlp.fc1, block.mlp.fc2)
+            for i, block in enumerate(trunk.blocks)
+        ]
         fc_norm = getattr(trunk, "fc_norm", None)
         norm = fc_norm if isinstance(fc_norm, torch.nn.LayerNorm) else getattr(trunk, "norm", None)
         token_pooled = getattr(trunk, "global_pool", "token") in ("token", "avg", "") and getattr(trunk, "attn_pool", None) is None
