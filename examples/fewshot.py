@@ -54,10 +54,13 @@ def parse_args(argv=None):
     g = p.add_argument_group("recipe (default: the CLIP-SVD paper's recipe, see --recipe)")
     g.add_argument("--recipe", choices=["auto", "natural", "biomedical", "builtin"], default="auto",
                    help="natural: the natural-image recipe; biomedical: the dataset's biomedical recipe (lr per dataset, "
-                   "weight decay 0, epochs); builtin: the built-in datasets' recipe (the natural one with lr 2e-3, picked "
-                   "on their validation splits); auto: biomedical for the 10 biomedical datasets, builtin for the "
-                   "built-in datasets, else natural. The flags below override it.")
-    g.add_argument("--lr", type=params.positive_float, default=None, help="Peak learning rate of AdamW (default: the recipe's; natural 5e-4).")
+                   "weight decay 0, epochs); builtin: the built-in model's recipe (the natural one with lr 2e-3, picked "
+                   "on the built-in tasks' validation splits); auto: builtin for the built-in model on any dataset, "
+                   "biomedical for the 10 biomedical datasets, else natural. The flags below override it.")
+    g.add_argument("--lr", type=params.positive_float_or_auto, default=None,
+                   help="Peak learning rate of AdamW (default: the recipe's; natural 5e-4), or auto: a short run at each of "
+                   "the recipe's lr x {0.25, 1, 4}, scored on the dataset's validation split (never the test split), the "
+                   "best kept; the short runs together take half the run's steps.")
     g.add_argument("--weight-decay", type=params.non_negative_float, default=None,
                    help="AdamW weight decay (default: the recipe's; natural 0.01, biomedical 0).")
     g.add_argument("--min-lr", type=params.non_negative_float, default=None, help="Final learning rate of the cosine schedule (default: 1e-6).")
@@ -71,7 +74,8 @@ def parse_args(argv=None):
                    help="Training augmentation: natural (RandomResizedCrop 0.08-1 + horizontal flip, the paper's, for "
                    "photographs), glyph (crops of 0.5-1, no flip: characters and other text-like images, where a "
                    "mirrored glyph is another glyph), none (the evaluation preprocessing); auto: the dataset's own "
-                   "(glyph for the built-in datasets), else natural.")
+                   "(glyph for the built-in datasets, natural for the paper's), else measured on the training shots "
+                   "with the base model: flips only where a mirror keeps its zero-shot accuracy, crops as small as keep it.")
     g.add_argument("--crop-scale", type=params.unit_fraction, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="Area range of RandomResizedCrop, 0 < MIN <= MAX <= 1, overriding --augment's.")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
@@ -101,7 +105,7 @@ def parse_args(argv=None):
     params.check_model_and_dataset_args(p, args)
     if args.crop_scale is not None and args.crop_scale[0] > args.crop_scale[1]:
         p.error(f"--crop-scale MIN MAX needs MIN <= MAX, got {args.crop_scale[0]:g} {args.crop_scale[1]:g}")
-    if args.lr is not None and args.min_lr is not None and args.min_lr > args.lr:
+    if isinstance(args.lr, float) and args.min_lr is not None and args.min_lr > args.lr:
         p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}; the cosine schedule decays from --lr to --min-lr")
     if args.resume_from_checkpoint == "latest" and args.output_dir is None:
         p.error("--resume-from-checkpoint latest needs the --output-dir of the interrupted run")
@@ -131,25 +135,28 @@ def default_output_dir(accelerator, args, dataset_name: str) -> str:
     return os.path.join("runs", f"fewshot-{dataset_name}-{args.shots}shot-seed{args.seed}-{stamp}")
 
 
-def build_recipe(args, data=None):
-    """Returns the run's `FewShotRecipe`: the natural-image, the dataset's biomedical or the built-in recipe (--recipe),
-    with every value given on the command line taking precedence, and the augmentation that fits
-    the dataset (--augment, `data.augmentation_for`). Without `data` only the natural recipe is
-    considered (enough to check the batch before the dataset is loaded)."""
-    from peft_svd import recipes
+def build_recipe(args, data=None, model_name=None):
+    """Returns the run's `FewShotRecipe`: the built-in model's, the dataset's biomedical or the natural-image recipe
+    (--recipe), with every value given on the command line taking precedence, and the augmentation that fits
+    the dataset (--augment, `data.augmentation_for`; a dataset that does not declare one gets the natural
+    augmentation here, measured later by `main`). Without `data` only the natural recipe is considered (enough
+    to check the batch before the dataset is loaded). `model_name` defaults to --model, else the built-in model.
+    With `--lr auto` the recipe's learning rate stands until `main` has picked one."""
+    from peft_svd import builtin, recipes
     from peft_svd.fewshot import data as fsdata
     from peft_svd.fewshot import training
 
     dataset_name = data.name if data is not None else None
     augmentation = fsdata.augmentation_for(data, args.augment, crop_scale=args.crop_scale, flip=args.flip)
+    model_name = model_name or args.model or builtin.MODEL_NAME
 
     base = {}
-    source = data.source if data is not None else None
-    if args.recipe in ("auto", "builtin") and source is not None:
-        builtin = recipes.builtin_recipe(source)
-        if builtin is None and args.recipe == "builtin":
-            raise SystemExit(f"error: --recipe builtin is the recipe of the built-in datasets (builtin:<name>), not {source!r}")
-        base = builtin or {}
+    if args.recipe in ("auto", "builtin") and data is not None:
+        # The built-in model's learning rate was picked for that model, so it follows the model, not the dataset.
+        base = recipes.builtin_recipe(model_name) or {}
+        if args.recipe == "builtin" and not base:
+            logger.warning("--recipe builtin is the built-in model's recipe; %s is another model", model_name)
+            base = dict(recipes.BUILTIN_RECIPE)
     if args.recipe in ("auto", "biomedical") and dataset_name is not None and not base:
         biomedical = recipes.biomedical_recipe(dataset_name)
         if biomedical is None and args.recipe == "biomedical":
@@ -160,15 +167,34 @@ def build_recipe(args, data=None):
         if biomedical is not None:
             base = {k: biomedical[k] for k in ("lr", "weight_decay", "epochs")}
     given = {
-        "lr": args.lr, "weight_decay": args.weight_decay, "epochs": args.epochs, "min_lr": args.min_lr,
-        "iters_per_shot": args.iters_per_shot, "max_steps": args.max_steps, "batch_size": args.batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "lr": args.lr if args.lr != "auto" else None, "weight_decay": args.weight_decay, "epochs": args.epochs,
+        "min_lr": args.min_lr, "iters_per_shot": args.iters_per_shot, "max_steps": args.max_steps,
+        "batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "augmentation": augmentation.name, "crop_scale": augmentation.crop_scale, "flip": augmentation.flip,
     }
     recipe = training.FewShotRecipe(**{**base, **{k: v for k, v in given.items() if v is not None}})
     if recipe.min_lr > recipe.lr:
         raise SystemExit(f"error: the final learning rate {recipe.min_lr:g} (--min-lr) is above the peak {recipe.lr:g} (--lr)")
     return recipe
+
+
+def augmentation_is_measured(args, data) -> bool:
+    """Whether the run measures its augmentation: --augment auto on a dataset that does not declare one."""
+    return args.augment == "auto" and data.augmentation is None and not (args.crop_scale is not None and args.flip is not None)
+
+
+def with_augmentation(recipe, args, augmentation):
+    """Returns `recipe` with `augmentation` (an `Augmentation`), --crop-scale and --flip still taking precedence."""
+    import dataclasses
+
+    from peft_svd.fewshot import data as fsdata
+
+    chosen = fsdata.AUGMENTATIONS.get(augmentation.name, augmentation)
+    if args.crop_scale is not None or args.flip is not None:
+        scale = tuple(args.crop_scale) if args.crop_scale is not None else augmentation.crop_scale
+        flip = args.flip if args.flip is not None else augmentation.flip
+        chosen = fsdata.Augmentation("custom", scale, flip) if (scale, flip) != (augmentation.crop_scale, augmentation.flip) else augmentation
+    return dataclasses.replace(recipe, augmentation=chosen.name, crop_scale=tuple(chosen.crop_scale), flip=chosen.flip)
 
 
 def check_every_image(accelerator, checks) -> None:
@@ -197,13 +223,15 @@ def main(argv=None):
         with refusing_bad_input():
             output.check_output_dir(args.output_dir, resume=bool(args.resume_from_checkpoint), overwrite=args.overwrite_output_dir)
 
+    import dataclasses
+
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-    from accelerate.utils import set_seed
+    from accelerate.utils import broadcast_object_list, set_seed
 
     import peft_svd
+    from peft_svd.fewshot import autorecipe, evaluation, modelcard, models, templates, training
     from peft_svd.fewshot import data as fsdata
-    from peft_svd.fewshot import evaluation, modelcard, models, templates, training
     from peft_svd.fewshot.record import RunRecord, RunSummary, TrainingRecord
     from peft_svd.fewshot.zeroshot import tokenize_prompts
 
@@ -250,10 +278,20 @@ def main(argv=None):
                 class_names=class_names, config_name=args.dataset_config, data_root=args.data_root,
             )
         template = templates.check_template(args.template or data.template or templates.template_for(data.name))
-        recipe = build_recipe(args, data)
+        recipe = build_recipe(args, data, model_name)
         train_split, _ = data.split(args.train_split, purpose="training", fallbacks=("train",))
         test_split, _ = data.split(args.test_split, purpose="evaluation", fallbacks=("test", "validation"))
         fsdata.check_labelled(data, test_split)
+        # The validation split (if any) decides --lr auto and the comparison with zero-shot; the test split is
+        # only reported.
+        val_split = fsdata.validation_split(data, exclude=(test_split, train_split))
+        if val_split is not None:
+            fsdata.check_labelled(data, val_split)
+        if args.lr == "auto" and val_split is None:
+            raise ValueError(
+                f"--lr auto picks the learning rate on a validation split, and {data.source!r} has none (splits: "
+                f"{sorted(data.splits)}); add <folder>/validation/<class>/*, or give --lr"
+            )
         output_dir = args.output_dir
         if output_dir is None:
             output_dir = default_output_dir(accelerator, args, data.name)
@@ -280,15 +318,10 @@ def main(argv=None):
         check_every_image(accelerator, [
             (data.splits[train_split], shot_rows, f"the {len(shot_rows)} training images (split {train_split!r} of {data.source})"),
             (data.splits[test_split], range(len(data.splits[test_split])), f"split {test_split!r} of {data.source}"),
+            *([(data.splits[val_split], range(len(data.splits[val_split])), f"split {val_split!r} of {data.source}")] if val_split else []),
             *((other.splits[split], range(len(other.splits[split])), f"split {split!r} of {other.source}") for other, split, _ in eval_sets),
         ])
 
-        run = RunRecord(
-            model=models.portable_name(model_name), pretrained=args.pretrained, dataset=dataset_source, dataset_config=args.dataset_config,
-            image_column=args.image_column, label_column=args.label_column, class_names=list(data.class_names),
-            train_split=train_split, protocol=args.protocol, shots=args.shots, seed=args.seed, template=template,
-            num_steps=num_steps, train_images=len(shot_rows), recipe=recipe.to_dict(), mixed_precision=accelerator.mixed_precision,
-        )
         checkpoint_root = os.path.join(output_dir, output.CHECKPOINTS)
         resume_path = None
         if args.resume_from_checkpoint:
@@ -297,40 +330,100 @@ def main(argv=None):
             )
             if resume_path is None or not os.path.isdir(resume_path):
                 raise ValueError(f"no checkpoint to resume from at {resume_path or checkpoint_root}")
-        start_step = training.read_checkpoint(resume_path, run) if resume_path else 0
+        measure_augmentation = augmentation_is_measured(args, data)
+        pick_lr = args.lr == "auto"
+        if resume_path and (measure_augmentation or pick_lr):
+            # What the interrupted run measured and picked is in its checkpoint: the run goes on with it.
+            saved = training.checkpoint_record(resume_path).get("recipe", {})
+            if measure_augmentation and "crop_scale" in saved:
+                recipe = with_augmentation(recipe, args, fsdata.Augmentation(
+                    saved.get("augmentation", "measured"), tuple(saved["crop_scale"]), bool(saved.get("flip"))))
+            if pick_lr and "lr" in saved:
+                recipe = dataclasses.replace(recipe, lr=float(saved["lr"]))
+            measure_augmentation = pick_lr = False
+
+        def run_record(recipe):
+            return RunRecord(
+                model=models.portable_name(model_name), pretrained=args.pretrained, dataset=dataset_source, dataset_config=args.dataset_config,
+                image_column=args.image_column, label_column=args.label_column, class_names=list(data.class_names),
+                train_split=train_split, protocol=args.protocol, shots=args.shots, seed=args.seed, template=template,
+                num_steps=num_steps, train_images=len(shot_rows), recipe=recipe.to_dict(), mixed_precision=accelerator.mixed_precision,
+            )
+
+        start_step = training.read_checkpoint(resume_path, run_record(recipe)) if resume_path else 0
 
     # Model: CLIP with singular-value fine-tuning on both encoders (transformers or OpenCLIP).
     encoder = models.load_dual_encoder(model_name, pretrained=args.pretrained)
     tokenizer, image_processor = encoder.tokenizer, encoder.image_processor
     model = models.adapt(encoder.model, peft_svd.SVDConfig(), revision=encoder.revision)
     trainable, total = model.get_nb_trainable_parameters()
+
+    # The augmentation, measured with the base model on the training shots when the dataset does not say.
+    augmentation_choice = None
+    if measure_augmentation:
+        model.to(accelerator.device)
+        with accelerator.autocast():
+            augmentation_choice = autorecipe.measure_augmentation(
+                model, tokenizer, image_processor, data.splits[train_split], shot_rows, shot_targets, train_names, template,
+                seed=args.seed, max_images=autorecipe.measurement_images(num_steps, recipe.batch_size, len(train_names)), device=accelerator.device,
+            )
+        augmentation_choice = broadcast_object_list([augmentation_choice])[0]  # one choice for all processes
+        recipe = with_augmentation(recipe, args, augmentation_choice.augmentation)
+        accelerator.print(
+            f"augmentation measured on {augmentation_choice.images} training images in {augmentation_choice.seconds:.1f} s "
+            f"(zero-shot accuracy of the base model, retention): {augmentation_choice.table()}\n"
+            f"  -> {recipe.augmentation}: {augmentation_choice.reason}"
+        )
     accelerator.print(
         f"{model_name}: {trainable:,} trainable singular values ({100 * trainable / total:.3f}% of {total:,} parameters); "
         f"{data.name}: {len(train_names)} classes, {len(shot_rows)} training images, {num_steps} steps of {recipe.batch_size}; "
-        f"template {template!r}; AdamW lr {recipe.lr:g}, weight decay {recipe.weight_decay:g}; augmentation "
-        f"{recipe.augmentation} (crop scale {recipe.crop_scale[0]:g}-{recipe.crop_scale[1]:g}, {'flip' if recipe.flip else 'no flip'})"
+        f"template {template!r}; AdamW lr {'auto (from ' + format(recipe.lr, 'g') + ')' if pick_lr else format(recipe.lr, 'g')}, "
+        f"weight decay {recipe.weight_decay:g}; augmentation {recipe.augmentation} "
+        f"(crop scale {recipe.crop_scale[0]:g}-{recipe.crop_scale[1]:g}, {'flip' if recipe.flip else 'no flip'})"
     )
 
     num_workers = args.num_workers
     if num_workers is None:
         num_workers = params.default_num_workers(accelerator.device.type, accelerator.num_processes, os.cpu_count())
-    train_set = fsdata.FewShotTrainSet(
-        data.splits[train_split], shot_rows, shot_targets,
-        fsdata.TrainTransform(image_processor, scale=recipe.crop_scale, flip=recipe.flip), seed=args.seed,
-    )
-    order = fsdata.FewShotOrder(len(shot_rows), num_steps * recipe.batch_size, seed=args.seed)
-    # The loader batch is one micro-batch of all processes; Accelerate gives each process its slice.
-    train_loader = torch.utils.data.DataLoader(
-        train_set, sampler=order, batch_size=micro_batch * accelerator.num_processes, num_workers=num_workers,
-        persistent_workers=num_workers > 0, pin_memory=accelerator.device.type == "cuda",
-    )
+
+    def train_loader_for(recipe, steps):
+        """The DataLoader of `steps` steps of augmented K-shot images; one micro-batch of all processes per item,
+        Accelerate gives each process its slice."""
+        train_set = fsdata.FewShotTrainSet(
+            data.splits[train_split], shot_rows, shot_targets,
+            fsdata.TrainTransform(image_processor, scale=recipe.crop_scale, flip=recipe.flip), seed=args.seed,
+        )
+        order = fsdata.FewShotOrder(len(shot_rows), steps * recipe.batch_size, seed=args.seed)
+        return torch.utils.data.DataLoader(
+            train_set, sampler=order, batch_size=micro_batch * accelerator.num_processes, num_workers=num_workers,
+            persistent_workers=num_workers > 0, pin_memory=accelerator.device.type == "cuda",
+        )
+
     classifier = training.PromptClassifier(
         model, tokenize_prompts(tokenizer, templates.build_prompts(train_names, template)),
         shard_prompts=accelerator.num_processes > 1 and not args.no_shard_prompts,
     )
+    eval_options = dict(batch_size=args.eval_batch_size, num_workers=num_workers)
+
+    # --lr auto: short runs around the recipe's learning rate, scored on the validation split.
+    lr_choice = None
+    if pick_lr:
+        val_loader = evaluation.eval_loader(accelerator, data, val_split, image_processor, classes=train_classes, **eval_options)
+        lr_choice = autorecipe.pick_learning_rate(
+            accelerator, classifier, recipe, num_steps=num_steps, make_loader=lambda steps: train_loader_for(recipe, steps),
+            score=lambda: evaluation.evaluate_accuracy(
+                accelerator, model, tokenizer, train_names, template, val_loader, desc="validation")["accuracy"],
+            split=val_split,
+        )
+        recipe = dataclasses.replace(recipe, lr=lr_choice.lr)
+        accelerator.print(f"--lr auto picked {lr_choice.lr:g} on split {val_split!r} in {lr_choice.seconds:.1f} s")
+    run = run_record(recipe)
+
     optimizer = training.build_optimizer(classifier, recipe)
     scheduler = training.build_scheduler(optimizer, recipe, num_steps)
-    classifier, optimizer, train_loader, scheduler = accelerator.prepare(classifier, optimizer, train_loader, scheduler)
+    classifier, optimizer, train_loader, scheduler = accelerator.prepare(
+        classifier, optimizer, train_loader_for(recipe, num_steps), scheduler
+    )
     training.checkpoint_trainable_parameters_only(accelerator)
     if resume_path:
         accelerator.load_state(resume_path)
@@ -358,10 +451,16 @@ def main(argv=None):
             output.discard_staging(staging)
             raise
 
-    # Evaluation: the protocol's classes on the test split, then the other datasets.
-    eval_options = dict(zero_shot=not args.skip_zero_shot, batch_size=args.eval_batch_size, num_workers=num_workers)
+    # Evaluation: the protocol's classes on the validation split (which decides whether adaptation helped), then on
+    # the test split, then the other datasets.
+    eval_options = dict(zero_shot=not args.skip_zero_shot, **eval_options)
     protocol_classes = "base-to-novel" if args.protocol == "base-to-novel" else "all"
     try:
+        validation = None
+        if val_split is not None:
+            validation = evaluation.evaluate_protocol(
+                accelerator, peft_model, tokenizer, image_processor, data, val_split, template, classes=protocol_classes, **eval_options
+            )
         results = {
             data.name: evaluation.evaluate_protocol(
                 accelerator, peft_model, tokenizer, image_processor, data, test_split, template, classes=protocol_classes, **eval_options
@@ -376,6 +475,14 @@ def main(argv=None):
             logger.error("evaluation failed; the trained adapter is kept in %s (evaluate it with "
                          "examples/evaluate_adapter.py --adapter %s); %s holds nothing of this run", staging, staging, output_dir)
         raise
+    comparison = None
+    if not args.skip_zero_shot:
+        decided_on = validation if validation is not None else results[data.name]
+        zero_shot, adapted = evaluation.summary_accuracy(decided_on)
+        comparison = autorecipe.compare_with_zero_shot(
+            val_split if validation is not None else test_split, zero_shot, adapted, recipe=recipe,
+            augmentation_choice=augmentation_choice, lr_choice=lr_choice, shots=args.shots,
+        )
 
     if accelerator.is_main_process:
         summary = RunSummary(
@@ -387,6 +494,10 @@ def main(argv=None):
             ),
             results=results,
             command="accelerate launch examples/fewshot.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+            validation_split=val_split, validation=validation,
+            augmentation_choice=augmentation_choice.to_dict() if augmentation_choice else None,
+            lr_choice=lr_choice.to_dict() if lr_choice else None,
+            zero_shot_check=comparison.to_dict() if comparison else None,
         )
         try:
             modelcard.write_model_card(staging, summary.to_dict())
@@ -394,8 +505,13 @@ def main(argv=None):
         except BaseException:
             output.discard_staging(staging)
             raise
+        if validation is not None:
+            print(f"validation split {val_split!r}:\n{modelcard.results_table({data.name: validation})}\ntest split {test_split!r}:")
         print(modelcard.results_table(results))
         print(f"adapter, results.json and README.md written to {output_dir}")
+        if comparison is not None and comparison.worse:
+            logger.warning("the adapted model is worse than zero-shot on split %r", comparison.split)
+            print(comparison.message(), file=sys.stderr)
         if args.push_to_hub:
             print(f"pushed to https://huggingface.co/{modelcard.push_run(output_dir, args.hub_model_id, args.hub_token, args.hub_private)}")
     accelerator.wait_for_everyone()

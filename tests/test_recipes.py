@@ -47,3 +47,12 @@ def test_lookup_by_other_spellings_and_unknown_names():
     recipe = biomedical_recipe("busi")
     recipe["lr"] = 1.0
     assert biomedical_recipe("busi")["lr"] == 2e-3
+
+
+def test_the_builtin_recipe_follows_the_model_not_the_dataset():
+    from peft_svd import builtin, recipes
+
+    assert recipes.builtin_recipe(builtin.MODEL_NAME) == {"lr": 2e-3, "weight_decay": 0.01}
+    assert recipes.builtin_recipe(builtin.model_path()) == {"lr": 2e-3, "weight_decay": 0.01}  # its folder
+    assert recipes.builtin_recipe("openai/clip-vit-base-patch16") is None
+    assert recipes.builtin_recipe("builtin:digits") is None  # a dataset name is not a model

@@ -50,6 +50,11 @@ def positive_float(value: str) -> float:
     return _number(float, value, "a finite number > 0", lambda x: math.isfinite(x) and x > 0)
 
 
+def positive_float_or_auto(value: str) -> float | str:
+    """argparse type: a finite number > 0, or the word "auto"."""
+    return "auto" if value == "auto" else _number(float, value, "a finite number > 0 or 'auto'", lambda x: math.isfinite(x) and x > 0)
+
+
 def non_negative_float(value: str) -> float:
     """argparse type: a finite number >= 0."""
     return _number(float, value, "a finite number >= 0", lambda x: math.isfinite(x) and x >= 0)

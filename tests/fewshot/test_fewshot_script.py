@@ -244,25 +244,25 @@ def test_push_to_hub_offline_is_refused_before_training(fewshot, capsys, monkeyp
 
 
 def test_recipe_follows_the_dataset_and_flags_override_it(fewshot):
+    clip = ("--model", "openai/clip-vit-base-patch16")  # a real CLIP: the recipes of the paper
+
     def recipe(name, *flags, augmentation=None, source=None):
         data = types.SimpleNamespace(name=name, source=source or name, augmentation=augmentation)  # what build_recipe reads
         return fewshot.build_recipe(fewshot.parse_args(list(flags)), data)
 
-    natural = recipe("eurosat")
+    natural = recipe("eurosat", *clip)
     assert (natural.lr, natural.weight_decay, natural.epochs, natural.iters_per_shot) == (5e-4, 0.01, None, 200)
-    bio = recipe("BTMRI")
+    bio = recipe("BTMRI", *clip)
     assert (bio.lr, bio.weight_decay, bio.epochs) == (7e-3, 0.0, 200)
-    assert recipe("BTMRI", "--lr", "1e-3", "--epochs", "100").lr == 1e-3
-    assert recipe("BTMRI", "--lr", "1e-3", "--epochs", "100").epochs == 100
-    assert recipe("BTMRI", "--recipe", "natural").lr == 5e-4
+    assert recipe("BTMRI", *clip, "--lr", "1e-3", "--epochs", "100").lr == 1e-3
+    assert recipe("BTMRI", *clip, "--lr", "1e-3", "--epochs", "100").epochs == 100
+    assert recipe("BTMRI", *clip, "--recipe", "natural").lr == 5e-4
     with pytest.raises(SystemExit, match="no biomedical recipe for dataset 'eurosat'"):
-        recipe("eurosat", "--recipe", "biomedical")
-    # the built-in datasets get the built-in recipe (lr picked on their validation splits)
+        recipe("eurosat", *clip, "--recipe", "biomedical")
+    # the built-in model gets the built-in recipe (lr picked on the built-in tasks' validation splits)
     assert recipe("digits", source="builtin:digits").lr == 2e-3
     assert recipe("digits", "--recipe", "natural", source="builtin:digits").lr == 5e-4
     assert recipe("digits", "--lr", "1e-3", source="builtin:digits").lr == 1e-3
-    with pytest.raises(SystemExit, match="--recipe builtin"):
-        recipe("eurosat", "--recipe", "builtin")
 
 
 def test_augmentation_fits_the_dataset_and_flags_override_it(fewshot):
@@ -355,7 +355,7 @@ def test_unreadable_test_and_eval_images_are_found_before_the_model_loads(fewsho
     [
         (["--gradient-accumulation-steps", "0"], "argument --gradient-accumulation-steps: must be a positive integer, got 0"),
         (["--eval-batch-size", "0"], "argument --eval-batch-size: must be a positive integer, got 0"),
-        (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+        (["--lr", "nan"], "argument --lr: must be a finite number > 0 or 'auto', got nan"),
         (["--weight-decay", "-5"], "argument --weight-decay: must be a finite number >= 0, got -5"),
         (["--crop-scale", "0", "1"], r"argument --crop-scale: must be a number in \(0, 1\], got 0"),
         (["--crop-scale", "0.9", "0.5"], "--crop-scale MIN MAX needs MIN <= MAX"),

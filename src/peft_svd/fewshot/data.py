@@ -48,7 +48,9 @@ class ImageClassificationData:
         class_names: one name per class id, as they go into the prompts.
         template: the prompt template the dataset ships with (built-in datasets), else None.
         augmentation: the training augmentation that fits the dataset's images (a key of
-            `AUGMENTATIONS`, see `augmentation_for`), where the dataset says so, else None.
+            `AUGMENTATIONS`, see `augmentation_for`), where the dataset says so (the built-in and
+            the paper's benchmark datasets), else None: then a run with `--augment auto`
+            measures it on the training shots (`autorecipe.measure_augmentation`).
     """
 
     source: str
@@ -187,7 +189,10 @@ def load_image_classification(
     from . import benchmark_datasets
 
     if benchmark_datasets.is_benchmark_source(source):  # the paper's datasets with their fixed splits
-        return benchmark_datasets.load_benchmark_dataset(source, data_root=data_root, class_names=class_names)
+        data = benchmark_datasets.load_benchmark_dataset(source, data_root=data_root, class_names=class_names)
+        # The paper's photographs take the paper's augmentation: nothing to measure.
+        data.augmentation = data.augmentation or "natural"
+        return data
     splits, name, template = _open_splits(source, config_name, seed)
     if not isinstance(splits, datasets.DatasetDict) or not splits:
         raise ValueError(f"dataset {source!r} has no splits")
@@ -449,6 +454,15 @@ def check_images(split: datasets.Dataset, rows: Sequence[int], *, progress: bool
         raise unreadable_images_error(bad, where)
 
 
+def validation_split(data: "ImageClassificationData", exclude: Sequence[str] = ()) -> str | None:
+    """Returns the name of the dataset's validation split ("validation", "val", "valid" or "dev",
+    as imagefolder and the Hub name them), or None; splits in `exclude` (the test split) never count."""
+    return next((s for s in VALIDATION_SPLIT_NAMES if s in data.splits and s not in exclude), None)
+
+
+VALIDATION_SPLIT_NAMES = ("validation", "val", "valid", "dev")
+
+
 def _processor_geometry(image_processor) -> tuple[tuple[int, int], int]:
     """Returns ((height, width) of the model input, PIL resample filter) of an image processor."""
 
@@ -522,7 +536,8 @@ def augmentation_for(
 
     Args:
         data: the training dataset; with `choice="auto"` its `augmentation` decides ("natural"
-            when the dataset does not say).
+            when the dataset does not say: examples/fewshot.py then measures the augmentation
+            with `autorecipe.measure_augmentation` and overrides this default).
         choice: "auto" or a key of `AUGMENTATIONS`.
         crop_scale, flip: override one part of the chosen augmentation (then named "custom").
 

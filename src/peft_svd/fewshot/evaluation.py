@@ -32,6 +32,16 @@ def harmonic_mean(a: float, b: float) -> float:
     return 0.0 if a + b == 0 else 2 * a * b / (a + b)
 
 
+def summary_accuracy(result: dict) -> tuple[float, float]:
+    """Returns `(zero-shot, adapted)` accuracy in percent of an `evaluate_protocol` result: the
+    accuracy over its classes, or the harmonic mean of base and novel for base-to-novel.
+
+    Raises KeyError if the result has no zero-shot score (evaluated with `zero_shot=False`)."""
+    if "harmonic_mean" in result:
+        return result["harmonic_mean"]["zero_shot"], result["harmonic_mean"]["adapted"]
+    return result["zero_shot"]["accuracy"], result["adapted"]["accuracy"]
+
+
 def eval_loader(
     accelerator,
     data: ImageClassificationData,

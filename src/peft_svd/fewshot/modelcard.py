@@ -224,15 +224,18 @@ def _card_text(summary: dict) -> str:
         f"| batch | {recipe['batch_size']} images per step ({recipe['gradient_accumulation_steps']} accumulation steps, "
         f"{training['num_processes']} processes) |",
         f"| augmentation | {recipe.get('augmentation', 'natural')}: RandomResizedCrop (scale {tuple(recipe['crop_scale'])})"
-        f"{' + horizontal flip' if recipe.get('flip', True) else ', no flip'} |",
+        f"{' + horizontal flip' if recipe.get('flip', True) else ', no flip'}{_augmentation_note(summary)} |",
+        *_lr_choice_rows(summary),
         f"| mixed precision | {training['mixed_precision']} |",
         "",
         "## Results",
         "",
+        *_zero_shot_warning(summary),
         "Top-1 accuracy (%) with one prompt per class; zero-shot is the base model without the adapter.",
         "",
         results_table(summary["results"]),
         "",
+        *_validation_rows(summary),
         "## Use",
         "",
         "```python",
@@ -258,6 +261,48 @@ def _card_text(summary: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _augmentation_note(summary: dict) -> str:
+    choice = summary.get("augmentation_choice")
+    if not choice:
+        return ""
+    probes = ", ".join(f"{p['view']} {p['accuracy']:.1f}%" for p in choice["probes"])
+    return f"; measured on {choice['images']} training images with the base model ({probes}): {choice['reason']}"
+
+
+def _lr_choice_rows(summary: dict) -> list[str]:
+    choice = summary.get("lr_choice")
+    if not choice:
+        return []
+    tried = ", ".join(f"{lr:g}: {score:.2f}%" for lr, score in zip(choice["candidates"], choice["scores"], strict=True))
+    return [f"| learning rate | {choice['lr']:g}, picked by `--lr auto` on split `{choice['split']}` after "
+            f"{choice['steps']}-step runs ({tried}) |"]
+
+
+def _zero_shot_warning(summary: dict) -> list[str]:
+    check = summary.get("zero_shot_check")
+    if not check or not check.get("worse"):
+        return []
+    return [
+        f"**Warning: this adapter is worse than the base model** on the `{check['split']}` split "
+        f"({check['adapted']:.2f}% against {check['zero_shot']:.2f}% zero-shot). Likely causes and what to try:",
+        "",
+        *(f"- {a}" for a in check["advice"]),
+        "",
+    ]
+
+
+def _validation_rows(summary: dict) -> list[str]:
+    validation = summary.get("validation")
+    if not validation:
+        return []
+    return [
+        f"On the validation split (`{summary.get('validation_split')}`), which decides whether adaptation helped:",
+        "",
+        results_table({summary["dataset_name"]: validation}),
+        "",
+    ]
 
 
 def write_model_card(output_dir: str, summary: dict) -> str:

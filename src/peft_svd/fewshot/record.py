@@ -101,6 +101,13 @@ class RunSummary:
         training: a `TrainingRecord`.
         results: `{dataset name: evaluation.evaluate_protocol(...) result}`, accuracies in percent.
         command: the command line that reproduces the run.
+        validation_split, validation: the dataset's validation split and the protocol's result on it
+            (None when the dataset has none).
+        augmentation_choice: `autorecipe.AugmentationChoice.to_dict()` when the augmentation was
+            measured on the training shots (--augment auto on a dataset that does not declare one).
+        lr_choice: `autorecipe.LearningRateChoice.to_dict()` with --lr auto.
+        zero_shot_check: `autorecipe.ZeroShotComparison.to_dict()`: adapted against zero-shot on the
+            validation split (else the test split), `worse` and the advice when adaptation hurt.
     """
 
     run: RunRecord
@@ -114,6 +121,11 @@ class RunSummary:
     training: TrainingRecord
     results: dict[str, Any] = field(default_factory=dict)
     command: str = ""
+    validation_split: str | None = None
+    validation: dict[str, Any] | None = None
+    augmentation_choice: dict[str, Any] | None = None
+    lr_choice: dict[str, Any] | None = None
+    zero_shot_check: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the JSON object of results.json."""

@@ -383,3 +383,20 @@ def train(
     return TrainingStats(
         steps=step, steps_this_run=done, final_loss=final_loss, mean_loss=mean_loss, wall_time_s=time.perf_counter() - started
     )
+
+
+def checkpoint_record(path: str) -> dict:
+    """Returns the `RunRecord.to_dict()` saved with the checkpoint at `path` (what the interrupted run
+    measured and picked is in its `recipe`).
+
+    Raises:
+        ValueError: not a checkpoint written by this script.
+    """
+    info_path = os.path.join(path, _RUN_FILE)
+    if not os.path.isfile(info_path):
+        raise ValueError(f"{path} is not a checkpoint written by --checkpointing-steps (no {_RUN_FILE})")
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            return dict(json.load(f)["run"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{info_path} is damaged ({exc}); resume from another checkpoint") from exc
