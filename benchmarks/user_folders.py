@@ -4,6 +4,7 @@ to check that the default flags adapt well on data whose kind the project cannot
 
     python benchmarks/user_folders.py --out runs/user-folders            # builds the folders
     python benchmarks/user_folders.py --out runs/user-folders --run      # and adapts on each, default flags
+    python benchmarks/user_folders.py --out runs/user-folders --probe    # only the augmentation measurement
 
 Folders (each `<name>/{train,validation,test}/<class>/*.png`, 48 x 48 RGB):
 - `segments`: the digits 0-9 as seven-segment displays (slant, stroke width, colours, noise).
@@ -169,16 +170,51 @@ def run(out: str, shots: int, seeds: list[int], extra: list[str]) -> dict:
     return summary
 
 
+def probe(out: str, shots: int, seeds: list[int]) -> dict:
+    """Runs only the augmentation measurement of `--augment auto` (no training) with the built-in model on
+    the built-in target tasks and on each folder, as if none declared its kind. Returns
+    `{dataset: [AugmentationChoice.to_dict() per seed]}`."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    from peft_svd import builtin
+    from peft_svd.fewshot import autorecipe, templates
+    from peft_svd.fewshot import data as fsdata
+
+    path = builtin.model_path()
+    model, tokenizer, processor = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+    sources = ["builtin:digits", "builtin:capitals", *(os.path.join(out, name) for name in FOLDERS)]
+    measured = {}
+    for source in sources:
+        data = fsdata.load_image_classification(source)
+        template = data.template or templates.template_for(data.name)
+        labels = data.labels("train")
+        for seed in seeds:
+            rows = fsdata.sample_few_shot(labels, shots, seed)
+            choice = autorecipe.measure_augmentation(
+                model, tokenizer, processor, data.splits["train"], rows, labels[rows], list(data.class_names), template,
+                seed=seed, max_images=autorecipe.measurement_images(200 * shots, 32, data.num_classes),
+            )
+            measured.setdefault(data.name, []).append(choice.to_dict())
+            print(f"{data.name} {shots} shots seed {seed}: {choice.table()} -> {choice.augmentation.name} "
+                  f"{choice.augmentation.crop_scale} flip={choice.augmentation.flip} ({choice.seconds:.1f} s)", flush=True)
+    return measured
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/user-folders")
     p.add_argument("--run", action="store_true", help="Adapt on each folder with the default flags.")
+    p.add_argument("--probe", action="store_true", help="Only measure the augmentation (--augment auto) on the built-in "
+                   "tasks and the folders, without training.")
     p.add_argument("--shots", type=int, default=8)
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="Flags passed to examples/fewshot.py after the defaults.")
     args = p.parse_args()
     for path in build(args.out):
         print(path)
+    if args.probe:
+        with open(os.path.join(args.out, f"probe-{args.shots}shot.json"), "w", encoding="utf-8") as f:
+            json.dump(probe(args.out, args.shots, args.seeds), f, indent=1)
     if args.run:
         summary = run(args.out, args.shots, args.seeds, args.extra)
         tag = f"{args.shots}shot" + ("-" + "-".join(e.strip("-") for e in args.extra) if args.extra else "")

@@ -293,7 +293,7 @@ def test_the_measured_augmentation_is_printed_and_recorded(fewshot, tiny_clip_di
     choice = results["augmentation_choice"]
     assert choice["images"] == 3  # 2 steps: the floor of one image per class
     assert "augmentation measured on 3 training images" in printed and choice["reason"] in printed
-    assert [p["view"] for p in choice["probes"]] == ["clean", "flip", "crop 0.08-1", "crop 0.25-1", "crop 0.5-1"]
+    assert [p["view"] for p in choice["probes"]] == ["clean", "flip", "crop 0.08-1", "crop 0.25-1", "crop 0.5-1", "crop 0.75-1"]
     assert results["recipe"]["crop_scale"] == choice["augmentation"]["crop_scale"]
     assert results["recipe"]["flip"] == choice["augmentation"]["flip"]
     # --augment NAME still overrides, and then nothing is measured

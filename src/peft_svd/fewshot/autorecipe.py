@@ -1,8 +1,8 @@
 """The parts of the recipe that a run measures on its own data instead of looking up by name.
 
 - `measure_augmentation`: which training augmentation keeps what the frozen model sees on the
-  K-shot images. Each candidate (a horizontal flip; RandomResizedCrop down to 8%, 25% or 50% of
-  the area) is applied to the training shots, and the base model's zero-shot accuracy on them is
+  K-shot images. Each candidate (a horizontal flip; RandomResizedCrop down to 8%, 25%, 50% or 75%
+  of the area) is applied to the training shots, and the base model's zero-shot accuracy on them is
   compared with its accuracy on the clean shots. The strongest augmentation whose accuracy stays
   close to the clean one is chosen: photographs keep the paper's crops and flips, characters and
   other images whose class changes in a mirror lose the flip and the small crops.
@@ -33,8 +33,9 @@ from .zeroshot import encode_images, zero_shot_head
 logger = logging.getLogger(__name__)
 
 # Candidate crops, strongest first: the smallest share of the image area RandomResizedCrop may keep
-# (0.08 is the paper's; 0.5 the glyph augmentation's).
-CROP_CANDIDATES = (0.08, 0.25, 0.5)
+# (0.08 is the paper's; 0.5 the glyph augmentation's; 0.75 a mild one for images whose content
+# fills the frame, such as seven-segment digits).
+CROP_CANDIDATES = (0.08, 0.25, 0.5, 0.75)
 CROP_DRAWS = 2  # random crops measured per image and candidate
 
 # An augmentation "keeps what the model sees" when the base model's zero-shot accuracy on the
