@@ -651,6 +651,9 @@ def _open_record(args, results_path: str, settings: dict) -> dict:
     with open(results_path) as f:
         previous = json.load(f)
     differ = {k: (previous["settings"].get(k), settings[k]) for k in _RUN_SETTINGS if previous["settings"].get(k) != settings[k]}
+    fingerprint = previous.get("model_sha256")
+    if "model" in differ and fingerprint is not None and fingerprint == _model_fingerprint(settings["model"]):
+        del differ["model"]  # the same model file in another folder (another checkout of the built-in model)
     if differ:
         listed = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
         raise SystemExit(f"error: {results_path} was written with other settings ({listed}); use another --output-dir")

@@ -199,6 +199,10 @@ def test_resume_reuses_runs_keeps_calls_and_refuses_other_settings(quality, runs
     assert [c["command"] for c in again["calls"]][-1].endswith("--resume") and len(again["calls"]) == 2
     with pytest.raises(SystemExit, match="other settings"):
         quality.main(_args(*tiny, out, "--resume", "--lr-factors", "1", "2"))
+    # the same model file in another folder (the built-in model of another checkout) is the same model
+    moved = os.path.join(os.path.dirname(out), "moved-clip")
+    shutil.copytree(tiny[0], moved, dirs_exist_ok=True)
+    assert quality.main(_args(moved, *tiny[1:], out, "--resume"))["runs"] == first["runs"]
 
 
 def test_per_dataset_flags(quality):
