@@ -61,6 +61,7 @@ import torch
 from tqdm.auto import tqdm
 
 import quality_runs as qr
+from peft_svd import recipes
 from peft_svd.fewshot import data as fsdata
 from peft_svd.fewshot import templates
 
@@ -189,10 +190,10 @@ def parse_args(argv=None):
 # -- the plan ------------------------------------------------------------------------------
 
 
-def _run(args, spec: qr.DatasetSpec, protocol: str, method: str, shots: int, seed: int, lr=None) -> qr.Run:
+def _run(args, spec: qr.DatasetSpec, protocol: str, method: str, shots: int, seed: int, lr=None, epochs=None) -> qr.Run:
     adapted = method in qr.TRAINED and protocol == "few-shot"
     return qr.Run(
-        dataset=spec.source, protocol=protocol, method=method, shots=shots, seed=seed, lr=lr,
+        dataset=spec.source, protocol=protocol, method=method, shots=shots, seed=seed, lr=lr, epochs=epochs,
         iters_scale=args.iters_scale, max_steps=args.max_steps, batch_size=args.batch_size,
         logit_scale=args.logit_scale, compile=args.compile,
         retention=[r for r in args.retention if r != spec.source] if adapted else [],
@@ -232,30 +233,49 @@ def choose_learning_rates(args, records: dict) -> dict:
     return chosen
 
 
+def base_to_novel_schedules(args) -> dict:
+    """Returns {(dataset source, "base-to-novel", "svd", "tuned"): {"lr", "epochs"}}: peft-svd's
+    base-to-novel schedule picked on validation for the built-in model
+    (`recipes.BUILTIN_BASE_TO_NOVEL_RECIPE`, measured by benchmarks/quality_b2n.py). Empty for
+    other models, whose tuned row keeps the paper's 20 epochs at its lr x the few-shot factor."""
+    if args.model is not None or "svd" not in args.methods or "tuned" not in args.recipes:
+        return {}
+    return {(spec.source, "base-to-novel", "svd", "tuned"): dict(recipes.BUILTIN_BASE_TO_NOVEL_RECIPE)
+            for spec in args.specs if spec.base_to_novel}
+
+
 def recipe_lrs(args, chosen: dict) -> dict:
     """Returns {(dataset source, protocol, method, recipe): lr} for the trained methods."""
     out = {}
+    schedules = base_to_novel_schedules(args)
     for spec in args.specs:
         for method in (m for m in args.methods if m in LR_METHODS):
             for recipe in args.recipes:
                 factor = 1.0 if recipe == "paper" else chosen[spec.source][method]["factor"]
                 out[(spec.source, "few-shot", method, recipe)] = qr.PAPER_LR[method] * factor
+                key = (spec.source, "base-to-novel", method, recipe)
                 if method in BASE_TO_NOVEL_LR and spec.base_to_novel:
-                    out[(spec.source, "base-to-novel", method, recipe)] = BASE_TO_NOVEL_LR[method] * factor
+                    out[key] = schedules[key]["lr"] if key in schedules else BASE_TO_NOVEL_LR[method] * factor
     return out
 
 
-def protocol_runs(args, lrs: dict) -> tuple[list[qr.Run], dict]:
+def recipe_epochs(args) -> dict:
+    """Returns {(dataset source, protocol, method, recipe): epochs} for the rows whose run length
+    is not their recipe's (see `base_to_novel_schedules`)."""
+    return {key: schedule["epochs"] for key, schedule in base_to_novel_schedules(args).items()}
+
+
+def protocol_runs(args, lrs: dict, epochs: dict | None = None) -> tuple[list[qr.Run], dict]:
     """Every run of the protocol (duplicates removed: a tuned lr equal to the paper's, or a
     selection run, is one run), and their priorities (0 first): the tuned recipes and the
     untrained methods, then base-to-novel, then the paper recipes, so that an interrupted
     benchmark has the rows the targets need."""
-    runs, priority = {}, {}
-    tuned = {(k[0], k[1], k[2]): v for k, v in lrs.items() if k[3] == "tuned"}
+    runs, priority, epochs = {}, {}, epochs or {}
+    tuned = {k[:3]: (v, epochs.get(k)) for k, v in lrs.items() if k[3] == "tuned"}
 
     def add(run):
         runs.setdefault(run.key(), run)
-        if run.method not in LR_METHODS or tuned.get((run.dataset, run.protocol, run.method)) == run.lr:
+        if run.method not in LR_METHODS or tuned.get((run.dataset, run.protocol, run.method)) == (run.lr, run.epochs):
             level = 0 if run.protocol == "few-shot" else 1
         else:  # the paper recipes, a seed at a time, so that a stopped benchmark has whole seeds
             level = 2 + args.seeds.index(run.seed)
@@ -275,9 +295,10 @@ def protocol_runs(args, lrs: dict) -> tuple[list[qr.Run], dict]:
                     for seed in args.seeds:
                         add(_run(args, spec, "few-shot", method, shots, seed, lr))
             if spec.base_to_novel and method in BASE_TO_NOVEL_LR:
-                for lr in dict.fromkeys(lrs[(spec.source, "base-to-novel", method, r)] for r in args.recipes):
+                keys = [(spec.source, "base-to-novel", method, r) for r in args.recipes]
+                for lr, ep in dict.fromkeys((lrs[k], epochs.get(k)) for k in keys):
                     for seed in args.seeds:
-                        add(_run(args, spec, "base-to-novel", method, args.base_to_novel_shots, seed, lr))
+                        add(_run(args, spec, "base-to-novel", method, args.base_to_novel_shots, seed, lr, ep))
     return list(runs.values()), priority
 
 
@@ -356,9 +377,11 @@ def _rows(record: dict) -> list[tuple[str, str]]:
 
 def _matching(record: dict, dataset: str, protocol: str, method: str, recipe: str) -> list[dict]:
     """The runs of one table row on one dataset."""
-    lr = record["recipe_lrs"].get(f"{dataset}|{protocol}|{method}|{recipe}") if recipe else None
+    key = f"{dataset}|{protocol}|{method}|{recipe}"
+    lr = record["recipe_lrs"].get(key) if recipe else None
+    epochs = record.get("recipe_epochs", {}).get(key)
     return [r for r in record["runs"] if r["dataset"] == dataset and r["protocol"] == protocol and r["method"] == method
-            and (not recipe or r.get("lr") == lr) and (method == "zero-shot" or r["seed"] in record["settings"]["seeds"])
+            and (not recipe or (r.get("lr"), r.get("epochs")) == (lr, epochs)) and (method == "zero-shot" or r["seed"] in record["settings"]["seeds"])
             and (protocol != "few-shot" or method == "zero-shot" or r["shots"] in record["settings"]["shots"])]
 
 
@@ -613,7 +636,8 @@ def _settings(args, model_name: str) -> dict:
         "retention": args.retention, "compile": args.compile,
         "paper_lr": qr.PAPER_LR, "base_to_novel_paper_lr": BASE_TO_NOVEL_LR,
         "lora": {"config": qr.LORA_CONFIG, "recipe": qr.LORA_RECIPE},
-        "svd": {"config": "SVDConfig() defaults", "recipe": qr.SVD_RECIPE, "base_to_novel_recipe": qr.SVD_BASE_TO_NOVEL},
+        "svd": {"config": "SVDConfig() defaults", "recipe": qr.SVD_RECIPE, "base_to_novel_recipe": qr.SVD_BASE_TO_NOVEL,
+                "base_to_novel_tuned": {"|".join(k): v for k, v in base_to_novel_schedules(args).items()}},
         "coop": qr.baselines.COOP_RECIPE, "tip_adapter_f": qr.baselines.TIP_RECIPE,
         "linear_probe": {"C_grid": qr.PROBE_C_GRID, "one_shot_C": qr.PROBE_ONE_SHOT_C, "max_folds": qr.PROBE_MAX_FOLDS},
     }
@@ -627,6 +651,9 @@ def _open_record(args, results_path: str, settings: dict) -> dict:
     with open(results_path) as f:
         previous = json.load(f)
     differ = {k: (previous["settings"].get(k), settings[k]) for k in _RUN_SETTINGS if previous["settings"].get(k) != settings[k]}
+    fingerprint = previous.get("model_sha256")
+    if "model" in differ and fingerprint is not None and fingerprint == _model_fingerprint(settings["model"]):
+        del differ["model"]  # the same model file in another folder (another checkout of the built-in model)
     if differ:
         listed = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
         raise SystemExit(f"error: {results_path} was written with other settings ({listed}); use another --output-dir")
@@ -655,6 +682,7 @@ def report_only(args, record: dict, settings: dict, results_path: str) -> dict:
         raise SystemExit("error: results.json has no learning-rate selection; use --recipes paper")
     lrs = recipe_lrs(args, record.get("selection", {}))
     record["recipe_lrs"] = {"|".join(k): v for k, v in lrs.items()}
+    record["recipe_epochs"] = {"|".join(k): v for k, v in recipe_epochs(args).items()}
     tables = write_report(record, args.output_dir)
     print(tables)
     return record
@@ -715,9 +743,10 @@ def main(argv=None):
                   dynamic_ncols=True, disable=not selection) as progress:
             runner.run(selection, {r.key(): weight(r) for r in selection}, records, on_record, progress)
         record["selection"] = choose_learning_rates(args, records) if selection else {}
-        lrs = recipe_lrs(args, record["selection"])
+        lrs, epochs = recipe_lrs(args, record["selection"]), recipe_epochs(args)
         record["recipe_lrs"] = {"|".join(k): v for k, v in lrs.items()}
-        runs, priorities = protocol_runs(args, lrs)
+        record["recipe_epochs"] = {"|".join(k): v for k, v in epochs.items()}
+        runs, priorities = protocol_runs(args, lrs, epochs)
         record["planned_training_steps"] = sum(weight(r) for r in runs if r.method in qr.TRAINED)
         with tqdm(total=sum(weight(r) for r in runs), desc="quality protocol (steps)", unit="step", dynamic_ncols=True) as progress:
             runner.run(runs, {r.key(): weight(r) for r in runs}, records, on_record, progress, priorities)

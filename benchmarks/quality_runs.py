@@ -82,6 +82,7 @@ class Run:
     shots: int
     seed: int
     lr: float | None = None  # None for methods without one (linear probe)
+    epochs: float | None = None  # run length in epochs over the K-shot set instead of the recipe's
     iters_scale: float = 1.0
     max_steps: int | None = None
     batch_size: int = 32
@@ -90,12 +91,19 @@ class Run:
     retention: list[str] = field(default_factory=list)
 
     def key(self) -> tuple:
-        return (self.dataset, self.protocol, self.method, self.shots, self.seed, self.lr)
+        return (self.dataset, self.protocol, self.method, self.shots, self.seed, self.lr, self.epochs)
 
 
 def run_key(record: dict) -> tuple:
-    """The identity of a run's record: (dataset, protocol, method, shots, seed, lr)."""
-    return (record["dataset"], record["protocol"], record["method"], record["shots"], record["seed"], record.get("lr"))
+    """The identity of a run's record: (dataset, protocol, method, shots, seed, lr, epochs);
+    records written before runs had `epochs` read as None (the recipe's)."""
+    return (record["dataset"], record["protocol"], record["method"], record["shots"], record["seed"], record.get("lr"),
+            record.get("epochs"))
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    """The base-to-novel score: the harmonic mean of base and novel accuracy (0 if both are 0)."""
+    return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
 
 
 def training_recipe(run: Run) -> training.FewShotRecipe | None:
@@ -114,6 +122,9 @@ def training_recipe(run: Run) -> training.FewShotRecipe | None:
     else:
         return None
     r["lr"] = run.lr
+    if run.epochs is not None:
+        r.pop("iters_per_shot", None)
+        r["epochs"] = run.epochs
     return training.FewShotRecipe(**r, max_steps=run.max_steps, batch_size=run.batch_size)
 
 
@@ -246,9 +257,10 @@ class Worker:
         if protocol == "base-to-novel":
             base, novel = fsdata.base_novel_classes(task.data.num_classes)
             b, n = acc(task.test_split, base), acc(task.test_split, novel)
-            out = {"base": b, "novel": n, "hm": 0.0 if b + n == 0 else 2 * b * n / (b + n)}
-            if task.val_split:
-                out["val_base"] = acc(task.val_split, base)
+            out = {"base": b, "novel": n, "hm": harmonic_mean(b, n)}
+            if task.val_split:  # what a base-to-novel schedule is picked on
+                vb, vn = acc(task.val_split, base), acc(task.val_split, novel)
+                out.update(val_base=vb, val_novel=vn, val_hm=harmonic_mean(vb, vn))
             return out
         out = {"accuracy": acc(task.test_split)}
         if task.val_split:

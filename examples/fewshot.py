@@ -55,7 +55,7 @@ def parse_args(argv=None):
     g.add_argument("--recipe", choices=["auto", "natural", "biomedical", "builtin"], default="auto",
                    help="natural: the natural-image recipe; biomedical: the dataset's biomedical recipe (lr per dataset, "
                    "weight decay 0, epochs); builtin: the built-in model's recipe (the natural one with lr 2e-3, picked "
-                   "on the built-in tasks' validation splits); auto: builtin for the built-in model on any dataset, "
+                   "on the built-in tasks' validation splits; base-to-novel: 50 epochs at lr 8e-3); auto: builtin for the built-in model on any dataset, "
                    "biomedical for the 10 biomedical datasets, else natural. The flags below override it.")
     g.add_argument("--lr", type=params.positive_float_or_auto, default=None,
                    help="Peak learning rate of AdamW (default: the recipe's; natural 5e-4), or auto: a short run at each of "
@@ -152,11 +152,14 @@ def build_recipe(args, data=None, model_name=None):
 
     base = {}
     if args.recipe in ("auto", "builtin") and data is not None:
-        # The built-in model's learning rate was picked for that model, so it follows the model, not the dataset.
-        base = recipes.builtin_recipe(model_name) or {}
+        # The built-in model's recipes were picked for that model, so they follow the model, not the dataset.
+        if args.protocol == "base-to-novel":
+            base = recipes.builtin_base_to_novel_recipe(model_name) or {}
+        else:
+            base = recipes.builtin_recipe(model_name) or {}
         if args.recipe == "builtin" and not base:
             logger.warning("--recipe builtin is the built-in model's recipe; %s is another model", model_name)
-            base = dict(recipes.BUILTIN_RECIPE)
+            base = dict(recipes.BUILTIN_BASE_TO_NOVEL_RECIPE if args.protocol == "base-to-novel" else recipes.BUILTIN_RECIPE)
     if args.recipe in ("auto", "biomedical") and dataset_name is not None and not base:
         biomedical = recipes.biomedical_recipe(dataset_name)
         if biomedical is None and args.recipe == "biomedical":

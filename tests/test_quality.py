@@ -86,7 +86,7 @@ def _lora_parameter_count(model_dir, r=2):
     return sum(r * (m.in_features + m.out_features) for n, m in model.named_modules() if n.split(".")[-1] in ("q_proj", "k_proj", "v_proj"))
 
 
-def test_writes_json_table_and_plot(smoke_run, tiny):
+def test_writes_json_table_and_plot(runs_module, smoke_run, tiny):
     out, record = smoke_run
     assert sorted(os.listdir(out)) == ["accuracy_vs_shots.png", "results.json", "table.md"]
     with open(os.path.join(out, "accuracy_vs_shots.png"), "rb") as f:
@@ -103,6 +103,8 @@ def test_writes_json_table_and_plot(smoke_run, tiny):
     for r in runs:
         for metric in ("accuracy", "val_accuracy") if r["protocol"] == "few-shot" else ("base", "novel", "hm"):
             assert 0.0 <= r[metric] <= 100.0, (r["method"], metric)
+        if r["protocol"] == "base-to-novel":  # the validation halves too: what a schedule is picked on
+            assert r["val_hm"] == pytest.approx(runs_module.harmonic_mean(r["val_base"], r["val_novel"]))
         if r["protocol"] == "base-to-novel" and r["method"] != "zero-shot":
             assert r["hm"] == pytest.approx(2 * r["base"] * r["novel"] / (r["base"] + r["novel"]) if r["base"] + r["novel"] else 0.0)
             assert r["train_images"] == 3 * 6  # first 3 of 5 classes, 16 shots of the 6 images each has
@@ -141,6 +143,48 @@ def test_choose_learning_rates_ignores_the_test_split(quality, runs_module):
     assert chosen["factor"] == 4.0  # best validation, the smaller of the tie; the test split's best (1x) is ignored
 
 
+def test_run_epochs_set_the_run_length_and_old_records_keep_their_key(runs_module):
+    run = runs_module.Run(dataset="d", protocol="base-to-novel", method="svd", shots=16, seed=1, lr=2e-3)
+    assert runs_module.training_recipe(run).num_steps(16, 80) == 50  # the paper's 20 epochs of 80 images, batch 32
+    longer = runs_module.Run(**{**run.__dict__, "epochs": 100})
+    assert runs_module.training_recipe(longer).num_steps(16, 80) == 250 and longer.key() != run.key()
+    few = runs_module.Run(dataset="d", protocol="few-shot", method="lora", shots=4, seed=1, lr=2e-4, epochs=2)
+    assert runs_module.training_recipe(few).num_steps(4, 40) == 3  # epochs replace LoRA's 500 x K iterations
+    old = {k: v for k, v in run.__dict__.items() if k != "epochs"}  # a record written before runs had epochs
+    assert runs_module.run_key(old) == run.key()
+
+
+def test_builtin_model_base_to_novel_rows_use_the_recipe_picked_on_validation(quality, runs_module):
+    from peft_svd import recipes
+
+    schedule = recipes.BUILTIN_BASE_TO_NOVEL_RECIPE
+    args = quality.parse_args(["--datasets", "builtin:digits", "--methods", "zero-shot", "svd", "--seeds", "1", "--shots", "4"])
+    chosen = {"builtin:digits": {"svd": {"factor": 4.0}}}
+    lrs, epochs = quality.recipe_lrs(args, chosen), quality.recipe_epochs(args)
+    runs, priority = quality.protocol_runs(args, lrs, epochs)
+    b2n = {(r.lr, r.epochs): priority[r.key()] for r in runs if r.protocol == "base-to-novel" and r.method == "svd"}
+    # the tuned row (priority 1): the recipe's schedule; the paper row: 4e-4 for its own 20 epochs, after it
+    assert b2n == {(schedule["lr"], schedule["epochs"]): 1, (runs_module.SVD_BASE_TO_NOVEL["lr"], None): 2}
+    few = {r.lr for r in runs if r.protocol == "few-shot" and r.method == "svd"}
+    assert few == {runs_module.PAPER_LR["svd"], 4 * runs_module.PAPER_LR["svd"]}  # few-shot rows unchanged
+    # another model keeps the paper's 20 epochs at its lr x the few-shot factor
+    other = quality.parse_args(["--model", "m", "--datasets", "d", "--methods", "svd", "--seeds", "1"])
+    assert quality.recipe_epochs(other) == {}
+    assert quality.recipe_lrs(other, {"d": {"svd": {"factor": 4.0}}})[("d", "base-to-novel", "svd", "tuned")] == pytest.approx(
+        4 * runs_module.SVD_BASE_TO_NOVEL["lr"])
+    # the table's tuned row holds the runs of the recipe's schedule, not the 20-epoch runs at that lr
+    def b2n_record(ep, hm):
+        return {"dataset": "builtin:digits", "protocol": "base-to-novel", "method": "svd", "shots": 16, "seed": 1,
+                "lr": schedule["lr"], "epochs": ep, "base": hm, "novel": hm, "hm": hm}
+
+    record = {"settings": {"datasets": [{"source": "builtin:digits"}], "methods": ["svd"], "recipes": ["tuned"], "shots": [4],
+                           "seeds": [1]},
+              "dataset_names": {"builtin:digits": "digits"}, "recipe_lrs": {"|".join(k): v for k, v in lrs.items()},
+              "recipe_epochs": {"|".join(k): v for k, v in epochs.items()},
+              "runs": [b2n_record(None, 10.0), b2n_record(schedule["epochs"], 70.0)]}
+    assert quality.summarize(record)["base_to_novel"]["digits"]["svd/tuned"]["hm"]["mean"] == 70.0
+
+
 def test_resume_reuses_runs_keeps_calls_and_refuses_other_settings(quality, runs_module, smoke_run, tiny, monkeypatch):
     out, first = smoke_run
 
@@ -155,6 +199,10 @@ def test_resume_reuses_runs_keeps_calls_and_refuses_other_settings(quality, runs
     assert [c["command"] for c in again["calls"]][-1].endswith("--resume") and len(again["calls"]) == 2
     with pytest.raises(SystemExit, match="other settings"):
         quality.main(_args(*tiny, out, "--resume", "--lr-factors", "1", "2"))
+    # the same model file in another folder (the built-in model of another checkout) is the same model
+    moved = os.path.join(os.path.dirname(out), "moved-clip")
+    shutil.copytree(tiny[0], moved, dirs_exist_ok=True)
+    assert quality.main(_args(moved, *tiny[1:], out, "--resume"))["runs"] == first["runs"]
 
 
 def test_per_dataset_flags(quality):
@@ -314,3 +362,47 @@ def test_report_only_runs_nothing_and_counts_seeds(quality, runs_module, smoke_r
     table = open(os.path.join(out, "table.md")).read()
     assert "(n=1)" in table  # cells say they hold one seed of the two asked for
     assert json.load(open(os.path.join(out, "results.json")))["calls"] == calls  # nothing recorded
+
+
+# -- benchmarks/quality_b2n.py: the base-to-novel schedule -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def b2n_study(quality):
+    return _load("quality_b2n_study", "quality_b2n.py")
+
+
+def test_base_to_novel_schedule_is_picked_on_validation_never_on_test(b2n_study):
+    args = b2n_study.parse_args(["--datasets", "a", "b", "--epochs", "20", "100", "--lrs", "1e-3"])
+    records = {}
+    for d, e, val, test in (("a", 20, 60.0, 90.0), ("b", 20, 60.0, 90.0), ("a", 100, 80.0, 10.0), ("b", 100, 50.0, 10.0)):
+        records[b2n_study._run(args, d, e, 1e-3, args.select_seed).key()] = {"val_hm": val, "hm": test}
+    scores = b2n_study.validation_scores(args, records)
+    assert scores == {(20, 1e-3): 60.0, (100, 1e-3): 65.0}  # the mean over datasets of the validation HM
+    assert b2n_study.pick(scores, 1) == [(100, 1e-3)]  # the test split's best (20 epochs) is ignored
+    assert b2n_study.pick({(50, 1e-3): 70.0, (20, 2e-3): 70.0, (20, 1e-3): 70.0}, 2) == [(20, 1e-3), (20, 2e-3)]  # shorter first
+
+
+def test_base_to_novel_study_runs_grid_then_seeds_and_resumes(b2n_study, runs_module, tiny, tmp_path, monkeypatch):
+    out = str(tmp_path / "b2n")
+    argv = ["--model", tiny[0], "--datasets", tiny[1], "--epochs", "1", "2", "--lrs", "1e-3", "--references", "1:5e-4",
+            "--candidates", "1", "--seeds", "1", "2", "--output-dir", out]
+    record = b2n_study.main(argv)
+    svd = [r for r in record["runs"] if r["method"] == "svd"]
+    grid = {(r["epochs"], r["lr"]): r for r in svd if r["seed"] == 1}
+    assert set(grid) == {(1, 1e-3), (2, 1e-3), (1, 5e-4)}  # the grid and the reference at the selection seed
+    best = max(sorted(((e, lr) for e, lr in grid if lr == 1e-3)), key=lambda s: grid[s]["val_hm"])
+    assert [tuple(c) for c in record["selection"]["candidates"]] == [best]
+    assert {(r["epochs"], r["lr"]) for r in svd if r["seed"] == 2} == {best, (1, 5e-4)}  # candidate and reference at seed 2
+    assert all(r["train_images"] == 3 * 6 and r["steps"] == math.ceil(r["epochs"] * 18 / 32) for r in svd)
+    table = open(os.path.join(out, "table.md")).read()
+    assert f"| {best[0]:g} epochs, lr 0.001 |" in table and "| 1 epochs, lr 0.0005 |" in table and "| zero-shot |" in table
+
+    def no_training(self, run):
+        raise AssertionError("a run recorded in results.json was run again")
+
+    monkeypatch.setattr(runs_module.Worker, "execute", no_training)
+    with pytest.raises(SystemExit, match="--resume"):
+        b2n_study.main(argv)
+    again = b2n_study.main([*argv, "--resume"])
+    assert again["runs"] == record["runs"] and len(again["calls"]) == 2

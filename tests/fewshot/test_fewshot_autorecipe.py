@@ -203,6 +203,10 @@ def test_the_recipe_follows_the_model(fewshot):
     assert _recipe(fewshot, "--model", "openai/clip-vit-base-patch16").lr == 5e-4
     assert _recipe(fewshot, "--model", "openai/clip-vit-base-patch16", "--lr", "1e-3").lr == 1e-3
     assert _recipe(fewshot, "--lr", "auto").lr == 2e-3  # the centre of the grid until one is picked
+    # base-to-novel: the built-in model's own schedule (benchmarks/quality_b2n.py), a real CLIP the few-shot recipe
+    b2n = _recipe(fewshot, "--protocol", "base-to-novel")
+    assert (b2n.lr, b2n.epochs) == (8e-3, 50)
+    assert _recipe(fewshot, "--protocol", "base-to-novel", "--model", "openai/clip-vit-base-patch16").lr == 5e-4
     with pytest.raises(SystemExit):
         fewshot.parse_args(["--lr", "fast"])
 
