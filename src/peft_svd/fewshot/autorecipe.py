@@ -53,9 +53,12 @@ MIN_SIGNAL = 0.1
 MEASUREMENT_BUDGET = 0.05
 
 # `pick_learning_rate`: the grid is the recipe's learning rate times these factors, and the short
-# runs together take at most this share of the full run's steps.
+# runs together take at most this share of the full run's steps. With half the steps the search took
+# 0.47-0.68 of the training time on a loaded 2-core CPU (its validation passes and data loaders
+# come on top of the steps; benchmarks/RESULTS.md, "Quality on the user's own data"): 0.4 keeps it
+# within half the run.
 LR_FACTORS = (0.25, 1.0, 4.0)
-LR_SEARCH_BUDGET = 0.5
+LR_SEARCH_BUDGET = 0.4
 
 
 @dataclass
