@@ -60,7 +60,7 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=params.positive_float_or_auto, default=None,
                    help="Peak learning rate of AdamW (default: the recipe's; natural 5e-4), or auto: a short run at each of "
                    "the recipe's lr x {0.25, 1, 4}, scored on the dataset's validation split (never the test split), the "
-                   "best kept; the short runs together take 40% of the run's steps.")
+                   "best kept; the short runs together take 40%% of the run's steps.")
     g.add_argument("--weight-decay", type=params.non_negative_float, default=None,
                    help="AdamW weight decay (default: the recipe's; natural 0.01, biomedical 0).")
     g.add_argument("--min-lr", type=params.non_negative_float, default=None, help="Final learning rate of the cosine schedule (default: 1e-6).")

@@ -7,6 +7,7 @@ type "SVD". Import it before loading a saved SVD adapter.
 
 from ._registry import SVD_PEFT_TYPE, register
 from .config import SVDConfig, SVDRuntimeConfig
+from .errors import PeftSVDWarning
 from .factorization import FactorCache, Factors, factorize
 from .layer import Linear as SVDLinear
 from .layer import SVDLayer
@@ -20,6 +21,7 @@ __all__ = [
     "SVD_PEFT_TYPE",
     "FactorCache",
     "Factors",
+    "PeftSVDWarning",
     "SVDConfig",
     "SVDLayer",
     "SVDLinear",

@@ -8,6 +8,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
+from .errors import PeftSVDWarning
 from ._registry import SVD_PEFT_TYPE
 
 ForwardMode = Literal["auto", "factored", "merged"]
@@ -225,7 +226,7 @@ class SVDConfig(PeftConfig):
             warnings.warn(
                 f"{path_json_file} holds settings of the machine that wrote it ({foreign}); they are ignored. "
                 "Set them for this machine on the config you load with (config.runtime_config).",
-                stacklevel=2,
+                category=PeftSVDWarning, stacklevel=2,
             )
         return loaded
 

@@ -26,6 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .errors import PeftSVDWarning
+
 # Bumped whenever the numbers a cached file holds would change for the same weight.
 _CACHE_FORMAT = "peft-svd-factors-v3"
 # Largest relative error of the probes of cached factors (float32 factors are accurate to ~1e-6).
@@ -376,7 +378,7 @@ def factorize_cached(
         warnings.warn(
             f"{rejected} cached factor file(s) in {cache.directory} do not fit their weights (damaged or edited); "
             "they are recomputed and rewritten.",
-            stacklevel=2,
+            category=PeftSVDWarning, stacklevel=2,
         )
     missing = [i for i in range(len(weights)) if i not in found]
     if missing:
@@ -395,6 +397,6 @@ def factorize_cached(
             warnings.warn(
                 f"The factor cache {cache.directory} cannot be written ({unwritable}); the factors are kept in "
                 "memory only. Pass a writable factor_cache_dir, or None for no cache.",
-                stacklevel=2,
+                category=PeftSVDWarning, stacklevel=2,
             )
     return [found[i] for i in range(len(weights))]

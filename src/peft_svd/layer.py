@@ -13,6 +13,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .errors import PeftSVDWarning
 from .config import SVDConfig
 from .factorization import Factors, intra_op_threads, rank_of
 
@@ -247,7 +248,7 @@ class SVDLayer(BaseTunerLayer):
                 if self.verify_base_model:
                     raise ValueError(message)
                 warnings.warn(
-                    message.split(" Load the adapter")[0] + " Loading anyway (verify_base_model=False).", stacklevel=2
+                    message.split(" Load the adapter")[0] + " Loading anyway (verify_base_model=False).", category=PeftSVDWarning, stacklevel=2
                 )
                 # keep the fingerprint of the weights it is now attached to
                 state_dict[key] = current.clone()
@@ -527,7 +528,7 @@ class Linear(nn.Module, SVDLayer):
     def unmerge(self) -> None:
         """Subtract every merged adapter again (exact up to float rounding)."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            warnings.warn("Already unmerged. Nothing to do.", category=PeftSVDWarning, stacklevel=2)
             return
         base_layer = self.get_base_layer()
         with torch.no_grad():

@@ -13,6 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, NoMatchingPeftMo
 from peft.utils import _get_submodules
 from torch import nn
 
+from .errors import PeftSVDWarning
 from ._registry import PREFIX
 from .config import SVDConfig
 from .factorization import factorize_cached
@@ -292,7 +293,7 @@ class SVDModel(BaseTuner):
             )
             if verify:
                 raise ValueError(message + ", or pass a config with verify_base_model=False to load the rest.")
-            warnings.warn(message + "; loading the rest (verify_base_model=False).", stacklevel=2)
+            warnings.warn(message + "; loading the rest (verify_base_model=False).", category=PeftSVDWarning, stacklevel=2)
             remapped = {k: v for k, v in remapped.items() if not k.endswith((".svd_delta", ".svd_fingerprint"))}
             remapped = {k: v for k, v in remapped.items() if not k.endswith(".svd_model_fingerprint")}
 
@@ -306,7 +307,7 @@ class SVDModel(BaseTuner):
                 "(removed from the file?), so whether this is the right base model CANNOT be checked. If it is "
                 "not, every output of the adapted model is wrong, without any error. Only use this adapter if "
                 "you trust its source.",
-                stacklevel=2,
+                category=PeftSVDWarning, stacklevel=2,
             )
         return remapped
 

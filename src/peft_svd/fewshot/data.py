@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import PeftSVDWarning
+
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
@@ -336,7 +338,7 @@ def sample_few_shot(labels: Sequence[int], shots: int, seed: int, classes: Seque
         more = f" and {len(short) - 10} more" if len(short) > 10 else ""
         warnings.warn(
             f"{len(short)} classes have fewer than {shots} training images ({listed}{more}); using all they have",
-            stacklevel=2,
+            category=PeftSVDWarning, stacklevel=2,
         )
     return rows.tolist()
 
