@@ -8,8 +8,8 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
-from .errors import PeftSVDWarning
 from ._registry import SVD_PEFT_TYPE
+from .errors import PeftSVDWarning
 
 ForwardMode = Literal["auto", "factored", "merged"]
 

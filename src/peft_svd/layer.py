@@ -13,8 +13,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .errors import PeftSVDWarning
 from .config import SVDConfig
+from .errors import PeftSVDWarning
 from .factorization import Factors, intra_op_threads, rank_of
 
 

@@ -13,9 +13,9 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, NoMatchingPeftMo
 from peft.utils import _get_submodules
 from torch import nn
 
-from .errors import PeftSVDWarning
 from ._registry import PREFIX
 from .config import SVDConfig
+from .errors import PeftSVDWarning
 from .factorization import factorize_cached
 from .layer import SVDLayer, dispatch_default, model_fingerprint
 from .layer_mha import MultiheadAttention as SVDMultiheadAttention
