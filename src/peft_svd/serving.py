@@ -279,16 +279,20 @@ class _AdapterState:
             return False
         for layer, delta, weight in self.records:
             current = layer.svd_delta[self.adapter_name] if self.adapter_name in layer.svd_delta else None
-            if current is None or _tensor_state(current) != delta:
+            if current is None or not _same_tensor(delta, current):
                 return False
-            if _tensor_state(layer.get_base_layer().weight) != weight:
+            if not _same_tensor(weight, layer.get_base_layer().weight):
                 return False
         return True
 
 
 def _tensor_state(t: torch.Tensor) -> tuple:
-    # the object itself (kept alive, so its id is never reused), its in-place version and storage
+    # the object itself (kept alive, so no other tensor can take its id), its in-place version and storage
     return (t, t._version, t.data_ptr())
+
+
+def _same_tensor(state: tuple, t: torch.Tensor) -> bool:
+    return state[0] is t and state[1:] == (t._version, t.data_ptr())
 
 
 @contextlib.contextmanager
@@ -541,7 +545,11 @@ class MultiAdapterClassifier:
                 # PeftModel.from_pretrained would leave the base model wrapped if the weights failed
                 # its checks; wrapping first keeps a handle to unwrap it by.
                 config.inference_mode = True
-                self.model = models.adapt(self.encoder.model, config, adapter_name=adapter_name)
+                with warnings.catch_warnings():
+                    # get_peft_model's note that the adapter records another base model name than
+                    # this one's: the fingerprints, checked below, decide whether it fits
+                    warnings.filterwarnings("ignore", message="The PEFT config's `base_model_name_or_path` was renamed")
+                    self.model = models.adapt(self.encoder.model, config, adapter_name=adapter_name)
             with warnings.catch_warnings():
                 # PEFT's own warning that a missing key was expected; the tuner raises on what matters
                 warnings.filterwarnings("ignore", message="Found missing adapter keys")
