@@ -271,7 +271,7 @@ def test_request_errors_are_raised_before_any_work(classifier, images):
 def test_adapter_of_another_base_model_is_refused_and_nothing_is_left(classifier, adapters_dir, tmp_path, images):
     other = save_adapter(str(tmp_path / "other"), None, seed=1, base_seed=7)
     adapters_before = set(classifier.model.peft_config)
-    with pytest.raises(serving.AdapterLoadError, match="trained on a different base model"):
+    with pytest.raises(serving.AdapterLoadError, match="The SVD adapter 'other' was trained on a different base model"):
         classifier.load_adapter("other", other, class_names=["red", "blue"])
     assert "other" not in classifier and set(classifier.model.peft_config) == adapters_before
     # a failed reload keeps the tenant serving its old adapter

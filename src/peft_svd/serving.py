@@ -403,7 +403,7 @@ class MultiAdapterClassifier:
             names, template = self._classes_for(adapter, class_names, template)
             adapter_name = f"tenant{self._next_id:06d}"  # same length: no name is a part of another
             self._next_id += 1
-            self._load_into_model(adapter, adapter_name)
+            self._load_into_model(tenant, adapter, adapter_name)
             old = self._tenants.get(tenant)
             base, _ = models.read_adapter_base(adapter) if os.path.isdir(adapter) else (None, None)
             self._tenants[tenant] = Tenant(tenant, adapter, tuple(names), template, adapter_name, base)
@@ -535,7 +535,7 @@ class MultiAdapterClassifier:
             raise ValueError(f"class names must be distinct; repeated: {', '.join(duplicates[:5])}")
         return names, check_template(template or DEFAULT_TEMPLATE)
 
-    def _load_into_model(self, adapter: str, adapter_name: str) -> None:
+    def _load_into_model(self, tenant: str, adapter: str, adapter_name: str) -> None:
         """Loads `adapter` as `adapter_name` through PEFT's `load_adapter` (the tuner's checks of
         the base model apply); on failure the model is left as it was."""
         config = self._adapter_config(adapter)
@@ -560,9 +560,9 @@ class MultiAdapterClassifier:
             base, _ = models.read_adapter_base(adapter) if os.path.isdir(adapter) else (None, None)
             if base and base != self.encoder.name:
                 hint = f" The adapter records base model {base!r}."
+            reason = str(exc).rstrip(".").replace(repr(adapter_name), repr(tenant))  # the name the user knows
             raise AdapterLoadError(
-                f"adapter {adapter} cannot be loaded onto base model {self.encoder.name}: "
-                f"{str(exc).rstrip('.')}.{hint}"
+                f"adapter {adapter} (tenant {tenant!r}) cannot be loaded onto base model {self.encoder.name}: {reason}.{hint}"
             ) from exc
         self.model.eval()
 
