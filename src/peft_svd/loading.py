@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -38,7 +39,6 @@ from .factorization import intra_op_threads
 
 __all__ = [
     "ADAPTER_FILE",
-    "MAX_GAIN",
     "base_fingerprint",
     "check_adapter_file",
     "check_adapter_folder",
@@ -46,6 +46,7 @@ __all__ = [
     "check_layer_state",
     "fingerprints_match",
     "model_fingerprint",
+    "output_limit",
 ]
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -54,10 +55,6 @@ CONFIG_FILE = "adapter_config.json"
 _LAYER_KEYS = ("svd_delta", "svd_fingerprint", "svd_model_fingerprint")
 _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _FINGERPRINT_SIZE = 6  # norm, sum, three sketches, machine epsilon
-# An adapted singular value larger than this many times the base weight's largest is refused: no
-# training gets there (the README's demo adapter changes weights by 1.3x at most), and such a layer
-# drives the outputs to inf or NaN within a few blocks.
-MAX_GAIN = 1e3
 _SHOWN = 3  # names listed in a message before "and N more"
 
 
@@ -380,8 +377,9 @@ def check_layer_state(
     """Check the tensors of one layer of an adapter about to be loaded into that layer.
 
     The change must be a floating-point vector of the layer's rank, finite, and keep the adapted
-    weight `U diag(s + d) Vh` finite and within `MAX_GAIN` times the base weight's largest
-    singular value (its entries are bounded by `max |s + d|`, so this needs only `s` and `d`).
+    weight `U diag(s + d) Vh` and the layer's outputs finite: its largest singular value
+    `max |s + d|` (which bounds its entries and its gain, so this needs only `s` and `d`) stays
+    below `output_limit`.
     Fingerprints must be int64 and record the layer's split; with `verify` they must match the
     layer's base weight.
 
@@ -456,18 +454,31 @@ def _check_delta(layer, layer_name: str, adapter_name: str, delta: torch.Tensor)
         return
     s = layer.svd_S.detach().to(device=d.device, dtype=torch.float64)
     largest = float((s + d).abs().max()) if d.numel() else 0.0
-    base = float(s.max()) if s.numel() else 0.0
-    dtype = layer.get_base_layer().weight.dtype
-    # the entries of U diag(s + d) Vh are at most max|s + d|, and building it in float32 adds at most sum|d|
-    limit = torch.finfo(dtype if dtype.is_floating_point else torch.float32).max
-    finite = largest < limit and base + float(d.abs().sum()) < torch.finfo(torch.float32).max
-    if not finite or largest > MAX_GAIN * base:
+    limit = output_limit(layer.in_features, layer.get_base_layer().weight.dtype)
+    # the float32 build of W + U diag(d) Vh adds at most sum|d| to an entry of W (at most max s)
+    build = float(s.max()) + float(d.abs().sum()) if d.numel() else 0.0
+    if largest >= limit or build >= torch.finfo(torch.float32).max:
         raise ValueError(
             f"{where} singular-value changes for layer '{layer_name}' that make its largest singular value "
-            f"{largest:.3g}, {largest / base if base else float('inf'):.3g} times that of the base weight ({base:.3g}; "
-            f"the limit is {MAX_GAIN:g} times): the adapted weight would drive the model's outputs to inf or NaN. "
-            "The adapter file is damaged, or it was not trained on this model: refused."
+            f"{largest:.3g} (the base weight's: {float(s.max()):.3g}): above {limit:.3g}, the layer's outputs or their "
+            "squares (in the next norm or attention) are inf for inputs of unit size, and so would be every output "
+            "of the model. The adapter file is damaged, or it was not trained on this model: refused."
         )
+
+
+def output_limit(in_features: int, dtype: torch.dtype) -> float:
+    """The largest singular value an adapted layer may have: `min(F / sqrt(n), sqrt(F32 / n))`.
+
+    `n` is `in_features`, `F` the largest number of the layer's (floating) dtype and `F32` that of
+    float32. The adapted weight's entries, and its output's norm for an input of unit
+    root-mean-square `x` (`|x| = sqrt(n)`, what a norm layer feeds it), are at most `max |s + d|`
+    resp. `max |s + d| sqrt(n)`: below this limit that output is finite in the layer's dtype and its
+    squares (a following norm or attention score, computed in float32 at least) are finite too.
+    """
+    big = torch.finfo(dtype if dtype.is_floating_point else torch.float32).max
+    big32 = torch.finfo(torch.float32).max
+    n = max(int(in_features), 1)
+    return min(big / math.sqrt(n), math.sqrt(big32 / n))
 
 
 def _fingerprint_format_message(where: str, kind: str, layer: str, dtype, shape) -> str:
