@@ -261,7 +261,7 @@ def test_fewshot_script_on_an_architecture_with_pretrained_weights(architecture,
     name, weights = architecture
     # a weights file recorded as the adapter's revision is loaded only when the user names it (--pretrained)
     out, results, evaluated = _train_then_evaluate(tmp_path, name, shots=1, test_per_class=1, train_flags=["--pretrained", weights],
-                                                   evaluate_flags=["--pretrained", weights])
+                                                   evaluate_flags=["--model", name, "--pretrained", weights])
     assert results["pretrained"] == weights
     assert json.load(open(os.path.join(out, "adapter_config.json")))["revision"] == weights
     assert evaluated == results["results"]  # evaluate_adapter.py loaded the same weights
