@@ -60,11 +60,11 @@ def main(argv=None):
     with _refusing_bad_input():
         if os.path.isdir(args.adapter) and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
             raise ValueError(f"{args.adapter} has no adapter_config.json; give the --output-dir of examples/fewshot.py")
-        saved_base, saved_pretrained = models.read_adapter_base(args.adapter)
-        model_name = args.model or saved_base
-        pretrained = args.pretrained or (saved_pretrained if args.model in (None, saved_base) else None)
-        if model_name is None:
-            raise ValueError("the adapter does not name its base model; pass --model")
+        saved_base, _ = models.read_adapter_base(args.adapter)
+        model_name, pretrained, source = models.base_for_adapter(args.adapter, args.model, args.pretrained)
+        if accelerator.is_main_process:
+            weights = f", pretrained weights {pretrained}" if pretrained else ""
+            print(f"base model: {model_name}{weights} ({source})", file=sys.stderr)
 
         class_names = fsdata.parse_class_names(args.class_names)
         sets = []

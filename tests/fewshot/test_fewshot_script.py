@@ -110,9 +110,10 @@ def test_outputs_adapter_results_and_model_card(reference, tiny_clip_dir):
     assert sorted(os.listdir(os.path.join(reference, "checkpoints"))) == ["step_4", "step_8"]
 
 
-def test_saved_adapter_evaluates_to_the_reported_accuracy(reference, evaluate_example, colors_dir, tmp_path):
+def test_saved_adapter_evaluates_to_the_reported_accuracy(reference, evaluate_example, colors_dir, tiny_clip_dir, tmp_path):
     out = tmp_path / "eval.json"
-    evaluate_example.main(["--adapter", reference, "--dataset", colors_dir, "--output", str(out)])
+    # the base folder the adapter records is loaded only when the user names it (--model)
+    evaluate_example.main(["--adapter", reference, "--model", tiny_clip_dir, "--dataset", colors_dir, "--output", str(out)])
     reported = json.load(open(os.path.join(reference, "results.json")))["results"]
     evaluated = json.load(open(out))["results"]
     assert evaluated == reported
