@@ -91,7 +91,8 @@ def parse_args(argv=None):
     g.add_argument("--output-dir", default=None, help="Where the adapter, results.json and README.md go "
                    "(default: runs/fewshot-<dataset>-<K>shot-seed<S>-<time>).")
     g.add_argument("--overwrite-output-dir", action="store_true", help="Replace the run in a non-empty --output-dir "
-                   "(its files are replaced only once the new run has written all of its own).")
+                   "(its checkpoints are removed once every input is checked, so that no later resume continues it; its "
+                   "adapter and results are replaced only once the new run has written all of its own).")
     g.add_argument("--checkpointing-steps", type=params.positive_int, default=None, help="Save the training state every N "
                    "steps to <output-dir>/checkpoints/step_<N>.")
     g.add_argument("--resume-from-checkpoint", default=None, help="A checkpoint folder, or 'latest' (the newest under "
@@ -226,9 +227,11 @@ def check_every_image(accelerator, checks) -> None:
         raise fsdata.UnreadableImageError("\n".join(errors))
 
 
-def lock_output_dir(accelerator, output_dir: str, held: contextlib.ExitStack, command: str) -> None:
+def lock_output_dir(accelerator, output_dir: str, held: contextlib.ExitStack, command: str, *, check: bool = False) -> None:
     """Takes the output folder's run lock on the main process, held until `held` closes; every process
-    ends with the refusal when another run holds it (named)."""
+    ends with the refusal when another run holds it (named). `check`: check the folder first
+    (`output.check_output_dir` for a new run), on the main process only, so that no process sees the
+    lock its own run has just taken."""
     from accelerate.utils import broadcast_object_list
 
     from peft_svd.fewshot import output
@@ -236,6 +239,8 @@ def lock_output_dir(accelerator, output_dir: str, held: contextlib.ExitStack, co
     refusal = None
     if accelerator.is_main_process:
         try:
+            if check:
+                output.check_output_dir(output_dir, resume=False, overwrite=False)
             held.enter_context(output.RunLock.acquire(output_dir, command=command))
         except output.OutputDirError as exc:
             refusal = str(exc)
@@ -280,13 +285,17 @@ def run(argv, held: contextlib.ExitStack):
 
     if args.output_dir is not None:  # and the output folder: a refused one costs nothing
         with refusing_bad_input():
-            output.check_output_dir(args.output_dir, resume=bool(args.resume_from_checkpoint), overwrite=args.overwrite_output_dir)
+            # Only the first process looks at the lock: the others may start after it has taken it.
+            first = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+            output.check_output_dir(args.output_dir, resume=bool(args.resume_from_checkpoint), overwrite=args.overwrite_output_dir,
+                                    check_lock=first)
 
     import dataclasses
 
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.utils import broadcast_object_list, set_seed
+    from safetensors import SafetensorError
 
     import peft_svd
     from peft_svd.fewshot import (
@@ -377,8 +386,7 @@ def run(argv, held: contextlib.ExitStack):
         output_dir = args.output_dir
         if output_dir is None:
             output_dir = default_output_dir(accelerator, args, data.name)
-            output.check_output_dir(output_dir, resume=False, overwrite=False)
-            lock_output_dir(accelerator, output_dir, held, command)
+            lock_output_dir(accelerator, output_dir, held, command, check=True)
 
         if args.protocol == "base-to-novel":
             train_classes, _ = fsdata.base_novel_classes(data.num_classes)
@@ -431,13 +439,6 @@ def run(argv, held: contextlib.ExitStack):
 
         start_step = training.read_checkpoint(resume_path, run_record(recipe)) if resume_path else 0
 
-    # Every input is checked: a run that replaces another drops that run's checkpoints now, so that a later
-    # --resume-from-checkpoint latest cannot continue the replaced run (its adapter and results stay until
-    # this run has written its own).
-    if args.overwrite_output_dir and not resume_path and accelerator.is_main_process and os.path.isdir(checkpoint_root):
-        shutil.rmtree(checkpoint_root)
-        logger.info("--overwrite-output-dir: removed the replaced run's checkpoints (%s)", checkpoint_root)
-
     # Model: CLIP with singular-value fine-tuning on both encoders (transformers or OpenCLIP).
     try:
         encoder = models.load_dual_encoder(model_name, pretrained=args.pretrained)
@@ -457,6 +458,13 @@ def run(argv, held: contextlib.ExitStack):
         except output.OutputDirError as exc:
             refusal = str(exc)
     stop_on_failure(accelerator, refusal)
+
+    # Every input is checked and the model is loaded: a run that replaces another drops that run's checkpoints
+    # now, so that a later --resume-from-checkpoint latest cannot continue the replaced run (its adapter and
+    # results stay until this run has written its own).
+    if args.overwrite_output_dir and not resume_path and accelerator.is_main_process and os.path.isdir(checkpoint_root):
+        shutil.rmtree(checkpoint_root)
+        logger.info("--overwrite-output-dir: removed the replaced run's checkpoints (%s)", checkpoint_root)
 
     # The augmentation, measured with the base model on the training shots when the dataset does not say.
     augmentation_choice = None
@@ -554,12 +562,14 @@ def run(argv, held: contextlib.ExitStack):
             # The SVD tuner adapts linear layers only; this also skips PEFT's Hub lookup of the base model's
             # config.json (OpenCLIP models have none).
             peft_model.save_pretrained(staging, save_embedding_layers=False)
-        except BaseException as exc:
+        except (OSError, RuntimeError, SafetensorError) as exc:  # torch and safetensors report a full disk as these
             if staging is not None:
                 output.discard_staging(staging)
-            if not isinstance(exc, (OSError, RuntimeError)) and type(exc).__name__ != "SafetensorError":
-                raise
-            failure = output.write_failure(output_dir, exc, training.write_error_cause(exc))
+            failure = output.write_failure(output_dir, training.write_error_cause(exc))
+        except BaseException:
+            if staging is not None:
+                output.discard_staging(staging)
+            raise
     stop_on_failure(accelerator, failure)
 
     # Evaluation: the protocol's classes on the validation split (which decides whether adaptation helped), then on
@@ -613,11 +623,12 @@ def run(argv, held: contextlib.ExitStack):
         try:
             modelcard.write_model_card(staging, summary.to_dict())
             output.promote(staging, output_dir)
-        except BaseException as exc:
+        except OSError as exc:
             output.discard_staging(staging)
-            if not isinstance(exc, OSError):
-                raise
-            failure = output.write_failure(output_dir, exc, training.write_error_cause(exc))
+            failure = output.write_failure(output_dir, training.write_error_cause(exc))
+        except BaseException:
+            output.discard_staging(staging)
+            raise
     stop_on_failure(accelerator, failure)
     if accelerator.is_main_process:
         if validation is not None:

@@ -185,10 +185,11 @@ def _nearest_existing(path: str) -> str:
     return path
 
 
-def check_output_dir(output_dir: str, *, resume: bool, overwrite: bool) -> None:
+def check_output_dir(output_dir: str, *, resume: bool, overwrite: bool, check_lock: bool = True) -> None:
     """Checks, before anything is loaded, that `output_dir` can take this run.
 
-    A folder another run is using is refused, naming that run. A non-empty folder is refused unless
+    A folder another run is using is refused, naming that run (unless `check_lock` is False: the
+    other processes of a run, whose first process may already hold the lock). A non-empty folder is refused unless
     the run resumes (`resume`) or replaces it (`overwrite`), with advice that fits what the folder holds. The folder (or, if it does not exist yet, its
     nearest existing parent) must be writable; nothing is created.
 
@@ -197,7 +198,7 @@ def check_output_dir(output_dir: str, *, resume: bool, overwrite: bool) -> None:
     """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise OutputDirError(f"--output-dir {output_dir} is a file; give a folder")
-    holder = lock_holder(output_dir)
+    holder = lock_holder(output_dir) if check_lock else None
     if holder is not None:
         raise OutputDirInUseError(_describe_holder(output_dir, holder))
     entries = sorted(e for e in os.listdir(output_dir) if e not in _BOOKKEEPING) if os.path.isdir(output_dir) else []
@@ -258,12 +259,12 @@ def check_free_space(output_dir: str, needed: int, *, checkpoints: int = 0) -> N
         )
 
 
-def write_failure(output_dir: str, exc: BaseException, cause: str) -> str:
+def write_failure(output_dir: str, cause: str) -> str:
     """Returns the one-line error for a run whose final files could not be written to `output_dir`
-    (the staging folder already removed): what failed, and that the folder holds nothing of this run."""
+    (the staging folder already removed): what failed, and that none of them was kept."""
     return (
-        f"cannot write the run's files to {output_dir} ({cause}); nothing of this run was kept there (a previous "
-        "run's files are untouched). Free space there (or choose another --output-dir) and run again; with "
+        f"cannot write the run's files to {output_dir} ({cause}); none of them was kept (a previous run's files "
+        "there are untouched). Free space there (or choose another --output-dir) and run again; with "
         "--checkpointing-steps, --resume-from-checkpoint latest continues from the last checkpoint"
     )
 

@@ -370,17 +370,7 @@ def verify_checkpoint(path: str) -> int:
 
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a folder)")
-    info_path = os.path.join(path, _RUN_FILE)
-    if not os.path.isfile(info_path):
-        raise CheckpointError(f"{path} is not a checkpoint written by --checkpointing-steps (no {_RUN_FILE})")
-    try:
-        with open(info_path, encoding="utf-8") as f:
-            info = json.load(f)
-        step = int(info["step"])
-        if not isinstance(info["run"], dict):
-            raise TypeError("'run' is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint file {info_path} is damaged ({type(exc).__name__}: {exc})") from exc
+    step = int(_read_run_file(path)["step"])
     names = set(os.listdir(path))
     for required in (_ADAPTER_FILE.format(0), *_ACCELERATE_FILES):
         if required not in names:
@@ -398,6 +388,23 @@ def verify_checkpoint(path: str) -> int:
                 f"checkpoint file {file} cannot be read safely ({type(exc).__name__}: {reason[:300]})"
             ) from exc
     return step
+
+
+def _read_run_file(path: str) -> dict:
+    """Returns the checkpoint's `{"step": int, "run": dict}`; raises CheckpointError naming the file
+    when it is missing or damaged."""
+    info_path = os.path.join(path, _RUN_FILE)
+    if not os.path.isfile(info_path):
+        raise CheckpointError(f"{path} is not a checkpoint written by --checkpointing-steps (no {_RUN_FILE})")
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+        int(info["step"])
+        if not isinstance(info["run"], dict):
+            raise TypeError("'run' is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint file {info_path} is damaged ({type(exc).__name__}: {exc})") from exc
+    return info
 
 
 def find_checkpoint(checkpoint_root: str) -> str:
@@ -432,13 +439,14 @@ def read_checkpoint(path: str, run: RunRecord) -> int:
     Returns:
         The number of optimisation steps it completed.
 
+    Only the run record is read; `verify_checkpoint` reads the rest.
+
     Raises:
-        CheckpointError: the checkpoint cannot be read (see `verify_checkpoint`).
+        CheckpointError: not a checkpoint of this script, or its run record is damaged (named).
         ValueError: written with other settings (named).
     """
-    step = verify_checkpoint(path)
-    with open(os.path.join(path, _RUN_FILE), encoding="utf-8") as f:
-        info = json.load(f)
+    info = _read_run_file(path)
+    step = int(info["step"])
     differ = run.differences(info["run"])
     if differ:
         listed = "; ".join(f"{k}: checkpoint {_short(a)}, now {_short(b)}" for k, (a, b) in differ.items())
@@ -543,13 +551,6 @@ def checkpoint_record(path: str) -> dict:
     measured and picked is in its `recipe`).
 
     Raises:
-        ValueError: not a checkpoint written by this script.
+        CheckpointError: not a checkpoint written by this script, or its run record is damaged.
     """
-    info_path = os.path.join(path, _RUN_FILE)
-    if not os.path.isfile(info_path):
-        raise ValueError(f"{path} is not a checkpoint written by --checkpointing-steps (no {_RUN_FILE})")
-    try:
-        with open(info_path, encoding="utf-8") as f:
-            return dict(json.load(f)["run"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{info_path} is damaged ({exc}); resume from another checkpoint") from exc
+    return dict(_read_run_file(path)["run"])
