@@ -244,6 +244,8 @@ def lock_output_dir(accelerator, output_dir: str, held: contextlib.ExitStack, co
             held.enter_context(output.RunLock.acquire(output_dir, command=command))
         except output.OutputDirError as exc:
             refusal = str(exc)
+        except OSError as exc:  # a folder that cannot be created or written
+            refusal = f"cannot take the lock of --output-dir {output_dir} ({exc.strerror or exc}); choose a writable folder"
     if accelerator.num_processes > 1:
         refusal = broadcast_object_list([refusal])[0]
     if refusal:

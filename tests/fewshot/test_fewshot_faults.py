@@ -284,6 +284,16 @@ def test_interrupted_run_keeps_only_complete_checkpoints_and_resumes_to_the_same
     assert proc.returncode in (-getattr(signal, sig), 128 + getattr(signal, sig)), proc.stderr[-4000:]
     assert not os.path.exists(os.path.join(out, "adapter_model.safetensors"))
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == left  # no .step_N.partial either
+    from peft_svd.fewshot import output
+
+    lock_file = os.path.join(out, output.LOCK_FILE)
+    if sig == "SIGTERM":  # no cleanup ran: the lock file of the dead run is left, its lock is not
+        dead = json.load(open(lock_file))["pid"]
+        with pytest.raises(ProcessLookupError):
+            os.kill(dead, 0)
+        assert output.lock_holder(out) is None
+    else:
+        assert not os.path.exists(lock_file)
 
     fewshot.main(args + ["--resume-from-checkpoint", "latest"])
     results = json.load(open(os.path.join(out, "results.json")))
