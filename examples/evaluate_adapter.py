@@ -76,7 +76,11 @@ def main(argv=None):
                 )
             split, _ = data.split(args.test_split, purpose="evaluation", fallbacks=("test", "validation"))
             fsdata.check_labelled(data, split)
-            sets.append((data, split, args.template or data.template or templates.template_for(data.name)))
+            # the paper's code scores other datasets with their cross-dataset template, and the halves
+            # of a base-to-novel split with the base-to-novel one, where those differ (Food101)
+            protocol = "cross-dataset" if args.classes == "all" else "base-to-novel"
+            template = args.template or templates.protocol_template(data.name, protocol) or data.template
+            sets.append((data, split, template or templates.template_for(data.name)))
 
     encoder = models.load_dual_encoder(model_name, pretrained=pretrained)
     tokenizer, image_processor = encoder.tokenizer, encoder.image_processor
@@ -101,7 +105,8 @@ def main(argv=None):
         if args.output:
             with open(args.output, "w") as f:
                 record = {"adapter": args.adapter, "model": model_name, **({"pretrained": pretrained} if pretrained else {})}
-                json.dump({**record, "command": sys.argv, "results": results}, f, indent=2)
+                used = {data.name: template for data, _, template in sets}
+                json.dump({**record, "command": sys.argv, "templates": used, "results": results}, f, indent=2)
             print(f"results written to {args.output}")
     accelerator.end_training()
 

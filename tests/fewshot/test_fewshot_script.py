@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -117,6 +118,17 @@ def test_saved_adapter_evaluates_to_the_reported_accuracy(reference, evaluate_ex
     reported = json.load(open(os.path.join(reference, "results.json")))["results"]
     evaluated = json.load(open(out))["results"]
     assert evaluated == reported
+
+
+def test_other_datasets_are_scored_with_their_cross_dataset_template(reference, evaluate_example, colors_dir, tiny_clip_dir, tmp_path):
+    food = tmp_path / "food101"  # a folder named like the paper's dataset gets that dataset's templates
+    shutil.copytree(colors_dir, food)
+    out = tmp_path / "eval.json"
+    evaluate_example.main(["--adapter", reference, "--model", tiny_clip_dir, "--dataset", str(food), colors_dir,
+                           "--output", str(out), "--skip-zero-shot"])
+    used = json.load(open(out))["templates"]
+    assert used["food101"] == "a photo of {}, a type of food."  # the public code's cross-dataset template
+    assert used[os.path.basename(colors_dir)] == "a photo of a {}."
 
 
 def test_two_processes_give_the_adapter_of_one(reference, tiny_clip_dir, colors_dir, tmp_path):
