@@ -282,13 +282,13 @@ class SVDLayer(BaseTunerLayer):
         cache = self._weight_cache
         if cache is not None and cache.fits(deltas, weight):
             return cache
-        cache = self._more_weights.get(adapter_names)
-        if cache is None:
+        cache = self._more_weights.pop(adapter_names, None)
+        if cache is None or not cache.fits(deltas, weight):
             return None
-        if not cache.fits(deltas, weight):
-            del self._more_weights[adapter_names]
-            return None
-        self._more_weights.move_to_end(adapter_names)
+        # it becomes the most recent; the one it replaces was used last before it (least recently used last)
+        if self._weight_cache is not None:
+            self._more_weights[self._weight_cache.names] = self._weight_cache
+        self._weight_cache = cache
         return cache
 
     def _build_weight_cache(self, adapter_names, deltas, weight) -> _WeightCache:
