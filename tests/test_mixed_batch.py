@@ -318,3 +318,29 @@ def test_an_adapter_with_many_tokens_gets_its_weight_built_and_kept_within_cache
     assert direct[0][1] is not kept
     expected = layer.adapted_weight(layer.svd_delta["b"])
     assert torch.allclose(direct[0][1], expected, atol=1e-6)
+
+
+# -- the serving benchmark (benchmarks/bench_serving.py) on tiny widths, so that it cannot rot
+
+
+def test_serving_benchmark_reports_every_path_and_the_targets(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_serving
+
+    threads = torch.get_num_threads()
+    try:
+        result = bench_serving.main(
+            ["--vision-width", "64", "--text-width", "32", "--image-size", "32", "--batch", "4", "--adapters", "1", "3",
+             "--top-k", "2", "--rounds", "1", "--json", str(tmp_path / "serving.json")]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    methods = {(r["method"], r["adapters"]) for r in result["timings"]}
+    for n in (1, 3):
+        assert {("svd auto", n), ("svd pooled", n), ("svd weights", n), ("svd lean k=2", n), ("lora", n)} <= methods
+    assert result["load"]["adapters"] == 3 and result["load"]["adapter_tensor_bytes_each"] > 0
+    assert any("tensors" in t["target"] for t in result["targets"])
+    assert "| svd auto |" in result["table"]
