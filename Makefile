@@ -28,8 +28,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
+# -q: a setup error of the script (a second `make demo`, a bad flag) prints once, without accelerate's traceback.
 demo: install
-	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no examples/fewshot.py --output-dir $(DEMO_DIR) $(ARGS)
+	$(BIN)/accelerate launch -q --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no examples/fewshot.py --output-dir $(DEMO_DIR) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -60,11 +60,11 @@ def main(argv=None):
     with _refusing_bad_input():
         if os.path.isdir(args.adapter) and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
             raise ValueError(f"{args.adapter} has no adapter_config.json; give the --output-dir of examples/fewshot.py")
-        saved_base, saved_pretrained = models.read_adapter_base(args.adapter)
-        model_name = args.model or saved_base
-        pretrained = args.pretrained or (saved_pretrained if args.model in (None, saved_base) else None)
-        if model_name is None:
-            raise ValueError("the adapter does not name its base model; pass --model")
+        saved_base, _ = models.read_adapter_base(args.adapter)
+        model_name, pretrained, source = models.base_for_adapter(args.adapter, args.model, args.pretrained)
+        if accelerator.is_main_process:
+            weights = f", pretrained weights {pretrained}" if pretrained else ""
+            print(f"base model: {model_name}{weights} ({source})", file=sys.stderr)
 
         class_names = fsdata.parse_class_names(args.class_names)
         sets = []
@@ -76,7 +76,11 @@ def main(argv=None):
                 )
             split, _ = data.split(args.test_split, purpose="evaluation", fallbacks=("test", "validation"))
             fsdata.check_labelled(data, split)
-            sets.append((data, split, args.template or data.template or templates.template_for(data.name)))
+            # the paper's code scores other datasets with their cross-dataset template, and the halves
+            # of a base-to-novel split with the base-to-novel one, where those differ (Food101)
+            protocol = "cross-dataset" if args.classes == "all" else "base-to-novel"
+            template = args.template or templates.protocol_template(data.name, protocol) or data.template
+            sets.append((data, split, template or templates.template_for(data.name)))
 
     encoder = models.load_dual_encoder(model_name, pretrained=pretrained)
     tokenizer, image_processor = encoder.tokenizer, encoder.image_processor
@@ -101,7 +105,8 @@ def main(argv=None):
         if args.output:
             with open(args.output, "w") as f:
                 record = {"adapter": args.adapter, "model": model_name, **({"pretrained": pretrained} if pretrained else {})}
-                json.dump({**record, "command": sys.argv, "results": results}, f, indent=2)
+                used = {data.name: template for data, _, template in sets}
+                json.dump({**record, "command": sys.argv, "templates": used, "results": results}, f, indent=2)
             print(f"results written to {args.output}")
     accelerator.end_training()
 

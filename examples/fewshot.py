@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import shlex
+import shutil
 import sys
 import time
 import warnings
@@ -90,7 +91,8 @@ def parse_args(argv=None):
     g.add_argument("--output-dir", default=None, help="Where the adapter, results.json and README.md go "
                    "(default: runs/fewshot-<dataset>-<K>shot-seed<S>-<time>).")
     g.add_argument("--overwrite-output-dir", action="store_true", help="Replace the run in a non-empty --output-dir "
-                   "(its files are replaced only once the new run has written all of its own).")
+                   "(its checkpoints are removed once every input is checked, so that no later resume continues it; its "
+                   "adapter and results are replaced only once the new run has written all of its own).")
     g.add_argument("--checkpointing-steps", type=params.positive_int, default=None, help="Save the training state every N "
                    "steps to <output-dir>/checkpoints/step_<N>.")
     g.add_argument("--resume-from-checkpoint", default=None, help="A checkpoint folder, or 'latest' (the newest under "
@@ -120,11 +122,18 @@ def parse_args(argv=None):
 @contextlib.contextmanager
 def refusing_bad_input():
     """Ends the script with `error: <message>` and exit status 1 (no traceback) when the checks of
-    the setup stage find bad input: a folder, a dataset, an image, a checkpoint that cannot serve."""
+    the setup stage find bad input: a folder, a dataset (a broken CoOp layout included), an image, a
+    checkpoint that cannot serve."""
     try:
         yield
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
+    except FileNotFoundError as exc:
+        from peft_svd.fewshot.benchmark_datasets import BenchmarkLayoutError
+
+        if isinstance(exc, BenchmarkLayoutError):
+            raise SystemExit(f"error: {exc}") from exc
+        raise
 
 
 def default_output_dir(accelerator, args, dataset_name: str) -> str:
@@ -218,22 +227,88 @@ def check_every_image(accelerator, checks) -> None:
         raise fsdata.UnreadableImageError("\n".join(errors))
 
 
+def lock_output_dir(accelerator, output_dir: str, held: contextlib.ExitStack, command: str, *, check: bool = False) -> None:
+    """Takes the output folder's run lock on the main process, held until `held` closes; every process
+    ends with the refusal when another run holds it (named). `check`: check the folder first
+    (`output.check_output_dir` for a new run), on the main process only, so that no process sees the
+    lock its own run has just taken."""
+    from accelerate.utils import broadcast_object_list
+
+    from peft_svd.fewshot import output
+
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            if check:
+                output.check_output_dir(output_dir, resume=False, overwrite=False)
+            held.enter_context(output.RunLock.acquire(output_dir, command=command))
+        except output.OutputDirError as exc:
+            refusal = str(exc)
+        except OSError as exc:  # a folder that cannot be created or written
+            refusal = f"cannot take the lock of --output-dir {output_dir} ({exc.strerror or exc}); choose a writable folder"
+    if accelerator.num_processes > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal:
+        raise SystemExit(f"error: {refusal}")
+
+
+def resume_checkpoint(args, output_dir):
+    """Returns the checkpoint folder --resume-from-checkpoint names, checked file by file: `latest` is
+    the newest under <output_dir>/checkpoints that can be read (newer damaged ones are skipped with a
+    warning); a named folder that cannot be read stops the run, naming the file."""
+    from peft_svd.fewshot import output, training
+
+    if args.resume_from_checkpoint == "latest":
+        return training.find_checkpoint(os.path.join(output_dir, output.CHECKPOINTS))
+    training.verify_checkpoint(args.resume_from_checkpoint)
+    return args.resume_from_checkpoint
+
+
+def stop_on_failure(accelerator, failure: str | None) -> None:
+    """Ends every process with `error: <failure>` when any process (usually the main one, which
+    writes the files) reports one; a collective, so all processes must call it."""
+    from accelerate.utils import gather_object
+
+    failures = gather_object([failure]) if accelerator.num_processes > 1 else [failure]
+    first = next((f for f in failures if f), None)
+    if first:
+        raise SystemExit(f"error: {first}")
+
+
 def main(argv=None):
+    with contextlib.ExitStack() as held:  # the output folder's run lock, let go however the run ends
+        run(argv, held)
+
+
+def run(argv, held: contextlib.ExitStack):
+    """The run of `main`; what must be let go at the end (the output folder's lock) goes on `held`."""
     args = parse_args(argv)  # every flag is checked before anything heavy is imported
     from peft_svd.fewshot import output
 
     if args.output_dir is not None:  # and the output folder: a refused one costs nothing
         with refusing_bad_input():
-            output.check_output_dir(args.output_dir, resume=bool(args.resume_from_checkpoint), overwrite=args.overwrite_output_dir)
+            # Only the first process looks at the lock: the others may start after it has taken it.
+            first = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+            output.check_output_dir(args.output_dir, resume=bool(args.resume_from_checkpoint), overwrite=args.overwrite_output_dir,
+                                    check_lock=first)
 
     import dataclasses
 
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.utils import broadcast_object_list, set_seed
+    from safetensors import SafetensorError
 
     import peft_svd
-    from peft_svd.fewshot import autorecipe, evaluation, modelcard, models, templates, training
+    from peft_svd.fewshot import (
+        autorecipe,
+        benchmark_datasets,
+        evaluation,
+        modelcard,
+        models,
+        templates,
+        training,
+    )
     from peft_svd.fewshot import data as fsdata
     from peft_svd.fewshot.record import RunRecord, RunSummary, TrainingRecord
     from peft_svd.fewshot.zeroshot import tokenize_prompts
@@ -264,6 +339,17 @@ def main(argv=None):
         warnings.simplefilter("ignore", UserWarning)  # the main process already shows them
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")  # still the option that skips re-sending
     set_seed(args.seed)
+    command = "accelerate launch examples/fewshot.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+    # One run at a time in an output folder; a checkpoint to resume from is read whole before the data.
+    resume_path = None
+    if args.output_dir is not None:
+        lock_output_dir(accelerator, args.output_dir, held, command)
+        if accelerator.is_main_process:
+            training.remove_partial_checkpoints(os.path.join(args.output_dir, output.CHECKPOINTS))
+    if args.resume_from_checkpoint:
+        with refusing_bad_input():
+            resume_path = resume_checkpoint(args, args.output_dir)
 
     # Data: every check that can fail on bad input runs before the model is loaded.
     with refusing_bad_input():
@@ -275,12 +361,16 @@ def main(argv=None):
             model_name = model_name or builtin.MODEL_NAME  # the stable name, not this installation's folder
             dataset_source = dataset_source or f"{fsdata.BUILTIN_PREFIX}{builtin.DEFAULT_DATASET}"
         class_names = fsdata.parse_class_names(args.class_names)
+        if benchmark_datasets.is_benchmark_source(dataset_source):
+            benchmark_datasets.check_trainable(dataset_source)
         with accelerator.main_process_first():  # one process downloads or builds, the others read its cache
             data = fsdata.load_image_classification(
                 dataset_source, image_column=args.image_column, label_column=args.label_column,
                 class_names=class_names, config_name=args.dataset_config, data_root=args.data_root,
             )
-        template = templates.check_template(args.template or data.template or templates.template_for(data.name))
+        template = templates.check_template(
+            args.template or templates.protocol_template(data.name, args.protocol) or data.template or templates.template_for(data.name)
+        )
         recipe = build_recipe(args, data, model_name)
         train_split, _ = data.split(args.train_split, purpose="training", fallbacks=("train",))
         test_split, _ = data.split(args.test_split, purpose="evaluation", fallbacks=("test", "validation"))
@@ -298,14 +388,15 @@ def main(argv=None):
         output_dir = args.output_dir
         if output_dir is None:
             output_dir = default_output_dir(accelerator, args, data.name)
-            output.check_output_dir(output_dir, resume=False, overwrite=False)
+            lock_output_dir(accelerator, output_dir, held, command, check=True)
 
         if args.protocol == "base-to-novel":
             train_classes, _ = fsdata.base_novel_classes(data.num_classes)
         else:
             train_classes = list(range(data.num_classes))
         train_labels = data.labels(train_split)
-        shot_rows = fsdata.sample_few_shot(train_labels, args.shots, args.seed, classes=train_classes)
+        shot_rows = fsdata.sample_few_shot(train_labels, args.shots, args.seed, classes=train_classes, class_names=data.class_names)
+        untrained = [data.class_names[c] for c in fsdata.classes_without_rows(train_labels, train_classes)]
         class_position = {c: i for i, c in enumerate(train_classes)}
         shot_targets = [class_position[int(train_labels[r])] for r in shot_rows]
         train_names = [data.class_names[c] for c in train_classes]
@@ -317,7 +408,9 @@ def main(argv=None):
                 other = fsdata.load_image_classification(source, data_root=args.data_root)
             split, _ = other.split(None, purpose="evaluation", fallbacks=("test", "validation"))
             fsdata.check_labelled(other, split)
-            eval_sets.append((other, split, other.template or templates.template_for(other.name)))
+            # The targets of a cross-dataset run take the reference recipe's cross-dataset template.
+            other_template = templates.protocol_template(other.name, "cross-dataset") or other.template or templates.template_for(other.name)
+            eval_sets.append((other, split, other_template))
         check_every_image(accelerator, [
             (data.splits[train_split], shot_rows, f"the {len(shot_rows)} training images (split {train_split!r} of {data.source})"),
             (data.splits[test_split], range(len(data.splits[test_split])), f"split {test_split!r} of {data.source}"),
@@ -326,13 +419,6 @@ def main(argv=None):
         ])
 
         checkpoint_root = os.path.join(output_dir, output.CHECKPOINTS)
-        resume_path = None
-        if args.resume_from_checkpoint:
-            resume_path = (
-                training.latest_checkpoint(checkpoint_root) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
-            )
-            if resume_path is None or not os.path.isdir(resume_path):
-                raise ValueError(f"no checkpoint to resume from at {resume_path or checkpoint_root}")
         measure_augmentation = augmentation_is_measured(args, data)
         pick_lr = args.lr == "auto"
         if resume_path and (measure_augmentation or pick_lr):
@@ -356,10 +442,31 @@ def main(argv=None):
         start_step = training.read_checkpoint(resume_path, run_record(recipe)) if resume_path else 0
 
     # Model: CLIP with singular-value fine-tuning on both encoders (transformers or OpenCLIP).
-    encoder = models.load_dual_encoder(model_name, pretrained=args.pretrained)
+    try:
+        encoder = models.load_dual_encoder(model_name, pretrained=args.pretrained)
+    except (OSError, ValueError) as exc:  # transformers and the Hub client say "not found" with OSError subclasses
+        raise SystemExit(f"error: cannot load --model {model_name}: {str(exc).strip().splitlines()[0]}") from exc
     tokenizer, image_processor = encoder.tokenizer, encoder.image_processor
     model = models.adapt(encoder.model, peft_svd.SVDConfig(), revision=encoder.revision)
     trainable, total = model.get_nb_trainable_parameters()
+
+    # What the run will write is known now: refuse before training if the disk cannot take it.
+    refusal = None
+    if accelerator.is_main_process:
+        adapter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        checkpoints = training.checkpoints_to_write(num_steps, start_step, args.checkpointing_steps)
+        try:
+            output.check_free_space(output_dir, output.bytes_to_write(adapter_bytes, checkpoints), checkpoints=checkpoints)
+        except output.OutputDirError as exc:
+            refusal = str(exc)
+    stop_on_failure(accelerator, refusal)
+
+    # Every input is checked and the model is loaded: a run that replaces another drops that run's checkpoints
+    # now, so that a later --resume-from-checkpoint latest cannot continue the replaced run (its adapter and
+    # results stay until this run has written its own).
+    if args.overwrite_output_dir and not resume_path and accelerator.is_main_process and os.path.isdir(checkpoint_root):
+        shutil.rmtree(checkpoint_root)
+        logger.info("--overwrite-output-dir: removed the replaced run's checkpoints (%s)", checkpoint_root)
 
     # The augmentation, measured with the base model on the training shots when the dataset does not say.
     augmentation_choice = None
@@ -429,13 +536,20 @@ def main(argv=None):
     )
     training.checkpoint_trainable_parameters_only(accelerator)
     if resume_path:
-        accelerator.load_state(resume_path)
+        try:
+            accelerator.load_state(resume_path)
+        except Exception as exc:  # verified above; a file changed since, or a state of another shape
+            raise SystemExit(f"error: cannot resume from checkpoint {resume_path} ({type(exc).__name__}: "
+                             f"{training.write_error_cause(exc)[:300]}); resume from another one or start anew") from exc
         accelerator.print(f"resumed from {resume_path} at step {start_step} of {num_steps}")
 
-    stats = training.train(
-        accelerator, classifier, optimizer, scheduler, train_loader, num_steps=num_steps, start_step=start_step,
-        checkpointing_steps=args.checkpointing_steps, checkpoint_root=checkpoint_root, run=run,
-    )
+    try:
+        stats = training.train(
+            accelerator, classifier, optimizer, scheduler, train_loader, num_steps=num_steps, start_step=start_step,
+            checkpointing_steps=args.checkpointing_steps, checkpoint_root=checkpoint_root, run=run,
+        )
+    except training.CheckpointWriteError as exc:
+        raise SystemExit(f"error: {exc}. Free space there and continue with --resume-from-checkpoint latest.") from exc
     accelerator.print(f"trained {stats.steps_this_run} steps in {stats.wall_time_s:.1f} s, final loss {stats.final_loss:.4f}")
 
     # The final files go to a staging folder inside the output folder and are moved into place
@@ -443,16 +557,22 @@ def main(argv=None):
     # keeps the training.
     peft_model = accelerator.unwrap_model(classifier).model
     accelerator.wait_for_everyone()
-    staging = None
+    staging, failure = None, None
     if accelerator.is_main_process:
-        staging = output.start_staging(output_dir)
         try:
+            staging = output.start_staging(output_dir)
             # The SVD tuner adapts linear layers only; this also skips PEFT's Hub lookup of the base model's
             # config.json (OpenCLIP models have none).
             peft_model.save_pretrained(staging, save_embedding_layers=False)
+        except (OSError, RuntimeError, SafetensorError) as exc:  # torch and safetensors report a full disk as these
+            if staging is not None:
+                output.discard_staging(staging)
+            failure = output.write_failure(output_dir, training.write_error_cause(exc))
         except BaseException:
-            output.discard_staging(staging)
+            if staging is not None:
+                output.discard_staging(staging)
             raise
+    stop_on_failure(accelerator, failure)
 
     # Evaluation: the protocol's classes on the validation split (which decides whether adaptation helped), then on
     # the test split, then the other datasets.
@@ -496,7 +616,7 @@ def main(argv=None):
                 wall_time_s=stats.wall_time_s, num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
             ),
             results=results,
-            command="accelerate launch examples/fewshot.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+            command=command, untrained_classes=untrained,
             validation_split=val_split, validation=validation,
             augmentation_choice=augmentation_choice.to_dict() if augmentation_choice else None,
             lr_choice=lr_choice.to_dict() if lr_choice else None,
@@ -505,9 +625,14 @@ def main(argv=None):
         try:
             modelcard.write_model_card(staging, summary.to_dict())
             output.promote(staging, output_dir)
+        except OSError as exc:
+            output.discard_staging(staging)
+            failure = output.write_failure(output_dir, training.write_error_cause(exc))
         except BaseException:
             output.discard_staging(staging)
             raise
+    stop_on_failure(accelerator, failure)
+    if accelerator.is_main_process:
         if validation is not None:
             print(f"validation split {val_split!r}:\n{modelcard.results_table({data.name: validation})}\ntest split {test_split!r}:")
         print(modelcard.results_table(results))

@@ -90,13 +90,16 @@ def test_analyze_writes_the_report_and_figures(adapter, tmp_path, capsys):
     assert printed.startswith("The adapter changed")
 
 
-def test_analyze_reads_the_base_model_from_the_adapter_config(adapter, tmp_path):
+def test_analyze_takes_a_recorded_local_base_only_from_the_user(adapter, tmp_path, capsys):
+    """A path recorded in adapter_config.json is not loaded on the file's word (a Hub id or the
+    built-in model is, see the test below); given with --base, it is, and the line says so."""
     config = json.loads((adapter / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(adapter / "base")
-    assert (
+    with pytest.raises(SystemExit, match=r"error: .*path on this machine; pass --base"):
         main(["analyze", str(adapter / "adapter"), "--out", str(tmp_path / "r"), "--default-pool", "none"])
-        == 0
-    )
+    args = ["analyze", str(adapter / "adapter"), "--base", str(adapter / "base"), "--out", str(tmp_path / "r")]
+    assert main([*args, "--default-pool", "none"]) == 0
+    assert f"Loading base model {adapter / 'base'} (given on the command line)" in capsys.readouterr().err
     data = json.loads((tmp_path / "r" / "analysis.json").read_text())
     assert data["pool_size"] == 0 and data["concepts"] == []  # no descriptions asked for
     assert data["heads"][0]["relative_change"] > 0
@@ -106,7 +109,8 @@ def test_analyze_takes_template_and_classes_from_the_runs_results_json(adapter, 
     run = tmp_path / "run"
     shutil.copytree(adapter / "adapter", run)
     (run / "results.json").write_text(json.dumps({"template": "a {} boat.", "class_names": ["red", "blue"]}))
-    assert main(["analyze", str(run), "--out", str(tmp_path / "r"), "--default-pool", "none"]) == 0
+    args = ["analyze", str(run), "--base", str(adapter / "base"), "--out", str(tmp_path / "r")]
+    assert main([*args, "--default-pool", "none"]) == 0
     data = json.loads((tmp_path / "r" / "analysis.json").read_text())
     assert data["pool_size"] == 2
     assert {t for e in data["concepts"] for t, _ in e["writes"]} <= {"a red boat.", "a blue boat."}

@@ -18,24 +18,28 @@ from peft_svd_cli import build_parser, main
 __all__ = ["analyze", "build_parser", "main"]
 
 
-def _resolve_base(args: argparse.Namespace, adapter_dir: Path) -> tuple[str, str | None]:
-    """The base model to load and its OpenCLIP `pretrained` weights: `--base` / `--pretrained`, else
-    what the adapter config records (`base_model_name_or_path`, `revision`); `builtin` is the model
-    shipped with peft-svd."""
+def _resolve_base(args: argparse.Namespace, adapter_dir: Path) -> tuple[str, str | None, str]:
+    """The base model to load, its OpenCLIP `pretrained` weights and where they came from: `--base` /
+    `--pretrained`, else what the adapter config records where a file may choose it (see
+    `models.base_for_adapter`); `builtin` is the model shipped with peft-svd."""
     from peft_svd import builtin
     from peft_svd.fewshot import models
 
-    saved_base, saved_revision = models.read_adapter_base(str(adapter_dir))
-    base = args.base or saved_base
-    if not base:
-        raise SystemExit(
-            f"error: {adapter_dir} does not say which base model it adapts (no base_model_name_or_path in "
-            "adapter_config.json); pass --base PATH_OR_HUB_ID, or --base builtin."
-        )
-    if base == "builtin":
-        base = builtin.MODEL_NAME
-    pretrained = args.pretrained or (saved_revision if args.base in (None, saved_base) else None)
-    return base, pretrained
+    base = builtin.MODEL_NAME if args.base == "builtin" else args.base
+    try:
+        return models.base_for_adapter(str(adapter_dir), model=base, pretrained=args.pretrained, flag="--base")
+    except ValueError as exc:
+        raise SystemExit(f"error: {str(exc).rstrip('.')}.") from exc
+
+
+def _check_out(out: Path) -> None:
+    """Refuse, before any work, an --out that is a file or lies under one."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "is a file" if path == out else f"lies under {path}, a file"
+                raise SystemExit(f"error: --out {out} {what}; give a folder for the report.")
+            return
 
 
 def _class_names(value: str | None) -> list[str]:
@@ -79,9 +83,11 @@ def analyze(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"error: {adapter_dir} is not an adapter folder (no adapter_config.json); pass a saved adapter."
         )
-    base_name, pretrained = _resolve_base(args, adapter_dir)
+    _check_out(Path(args.out))
+    base_name, pretrained, source = _resolve_base(args, adapter_dir)
 
-    print(f"Loading base model {base_name}", file=sys.stderr)
+    weights = f", pretrained weights {pretrained}" if pretrained else ""
+    print(f"Loading base model {base_name}{weights} ({source})", file=sys.stderr)
     # The loader of training and evaluation: transformers and OpenCLIP models, the built-in model.
     encoder = models.load_dual_encoder(base_name, pretrained=pretrained)
     try:
@@ -120,7 +126,10 @@ def analyze(args: argparse.Namespace) -> int:
             "description pool": f"{pool} ({len(descriptions)} texts before filtering)",
         },
     )
-    files = write_report(analysis, args.out, spectra_layers=args.spectra, num_heads=args.heads)
+    try:
+        files = write_report(analysis, args.out, spectra_layers=args.spectra, num_heads=args.heads)
+    except OSError as exc:
+        raise SystemExit(f"error: the report cannot be written to {args.out}: {exc}") from exc
     for line in analysis.summary_lines():
         print(line)
     print(f"Wrote {files['report']} ({len(files)} files)", file=sys.stderr)

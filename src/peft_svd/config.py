@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import InitVar, asdict, dataclass, field
 from typing import Literal
 
+from huggingface_hub import try_to_load_from_cache
 from peft.config import PeftConfig
 
+from . import loading
 from ._registry import SVD_PEFT_TYPE
 from .errors import PeftSVDWarning
 
 ForwardMode = Literal["auto", "factored", "merged"]
 
-# Settings of the machine that ran a model; older files may hold them, they are never obeyed.
-_RUNTIME_KEYS = ("factorization_device", "factor_cache_dir")
+# Settings of the process that loads a model; older files may hold them, they are never obeyed.
+_RUNTIME_KEYS = ("factorization_device", "factor_cache_dir", "verify_base_model")
 
 
 @dataclass
 class SVDRuntimeConfig:
-    """Settings of the machine that runs the model: never saved with an adapter, never read from one.
+    """Settings of the machine that runs the model and of its user: never saved with an adapter, never read from one.
 
     An adapter file comes from someone else's machine; its cache folder or device mean nothing on
-    yours. These settings apply to the process that creates or loads the adapter (pass them with
-    the config you give to `get_peft_model`, or to `PeftModel.from_pretrained(..., config=cfg)`).
+    yours, and whether it may load onto a base model it was not trained on is your decision, not
+    its author's. These settings apply to the process that creates or loads the adapter (pass them
+    with the config you give to `get_peft_model`, or to `PeftModel.from_pretrained(..., config=cfg)`).
 
     Args:
         factorization_device (`str | None`):
@@ -35,10 +39,19 @@ class SVDRuntimeConfig:
             weight (`U diag(S) Vh r == W r` for a random `r`) pass; otherwise the factors are
             recomputed. A folder that cannot be written is a warning, and the factors are kept in
             memory. `None` (default): no cache.
+        verify_base_model (`bool`):
+            When an adapter is loaded, compare the fingerprints stored in it (one of each adapted
+            base weight, one of the rest of the base model's parameters) with the model it is loaded
+            onto, and raise an error naming the first layer that differs (the adapter was trained on
+            another checkpoint); an adapter with changes for layers the model does not have is
+            refused too. `False`: load an adapter onto a base model that you know differs (the
+            mismatches are warnings). The other checks of a loaded file (nothing but its declared
+            tensors, every adapted layer present, finite and plausible values) always apply.
     """
 
     factorization_device: str | None = "auto"
     factor_cache_dir: str | None = None
+    verify_base_model: bool = True
 
     def __post_init__(self):
         if self.factor_cache_dir is not None and not str(self.factor_cache_dir).strip():
@@ -106,16 +119,11 @@ class SVDConfig(PeftConfig):
             the number of tokens. Results agree to float rounding. Without gradients (evaluation)
             the effective weight is built once and reused until the singular values change, so
             inference costs what the base model costs.
-        verify_base_model (`bool`):
-            When an adapter is loaded, compare the fingerprints stored in the adapter (one of each
-            adapted base weight, one of the rest of the base model's parameters) with the model it
-            is loaded onto, and raise an error naming the first layer that differs (the adapter was
-            trained on another checkpoint); an adapter with changes for layers the model does not
-            have is refused too. Set to `False` only to load an adapter onto a base model that you
-            know differs (mismatches are then warnings).
         runtime_config ([`SVDRuntimeConfig`]):
-            Settings of the machine (`factorization_device`, `factor_cache_dir`), never saved. The
-            constructor also takes `factorization_device=` and `factor_cache_dir=` and puts them here.
+            Settings of the machine and of the loading user (`factorization_device`,
+            `factor_cache_dir`, `verify_base_model`), never saved nor read from a file. The
+            constructor also takes them as keyword arguments (`SVDConfig(verify_base_model=False)`)
+            and puts them here; `cfg.verify_base_model = False` sets them too.
     """
 
     target_modules: list[str] | str | None = field(
@@ -164,19 +172,19 @@ class SVDConfig(PeftConfig):
         default="auto",
         metadata={"help": "'auto' (default), 'factored' or 'merged': how trained layers compute their output."},
     )
-    verify_base_model: bool = field(
-        default=True,
-        metadata={"help": "Raise when an adapter is loaded onto a base model whose weights differ."},
-    )
     runtime_config: SVDRuntimeConfig = field(
         default_factory=SVDRuntimeConfig,
-        metadata={"help": "Settings of the machine (factorization device, factor cache); never saved."},
+        metadata={
+            "help": "Settings of the machine and the loading user (factorization device, factor cache, "
+            "verify_base_model); never saved."
+        },
     )
     # constructor shorthands for runtime_config's fields (not fields of the saved config)
     factorization_device: InitVar[str | None] = None
     factor_cache_dir: InitVar[str | None] = None
+    verify_base_model: InitVar[bool | None] = None
 
-    def __post_init__(self, factorization_device=None, factor_cache_dir=None):
+    def __post_init__(self, factorization_device=None, factor_cache_dir=None, verify_base_model=None):
         super().__post_init__()
         if isinstance(self.runtime_config, dict):
             self.runtime_config = SVDRuntimeConfig(**self.runtime_config)
@@ -184,6 +192,8 @@ class SVDConfig(PeftConfig):
             self.runtime_config.factorization_device = factorization_device
         if factor_cache_dir is not None:
             self.runtime_config.factor_cache_dir = factor_cache_dir
+        if verify_base_model is not None:
+            self.runtime_config.verify_base_model = bool(verify_base_model)
         self.runtime_config.__post_init__()
         self.peft_type = SVD_PEFT_TYPE
         if isinstance(self.target_modules, list):
@@ -216,11 +226,36 @@ class SVDConfig(PeftConfig):
         return rv
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """PEFT's `from_pretrained`, then the adapter file's header is checked (see `peft_svd.loading`).
+
+        `PeftModel.from_pretrained` and `load_adapter` read the config this way before they read the
+        weights, so a file holding anything but the adapter's tensors is refused before any tensor
+        is read. The header of a Hub adapter is checked when its file is in the local cache.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if isinstance(config, SVDConfig):
+            weights = _local_adapter_file(str(pretrained_model_name_or_path), subfolder, kwargs)
+            if weights is not None:
+                loading.check_adapter_file(weights, config.modules_to_save)
+        return config
+
+    @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs):
         """Read adapter_config.json, dropping runtime settings that older files may hold (with a warning)."""
         loaded = super().from_json_file(path_json_file, **kwargs)
+        loading.check_peft_type(loaded.get("peft_type"), str(path_json_file))
         defaults = asdict(SVDRuntimeConfig())
         dropped = {k: loaded.pop(k) for k in _RUNTIME_KEYS if k in loaded}
+        if dropped.get("verify_base_model", True) is not True:
+            warnings.warn(
+                f"{path_json_file} sets verify_base_model={dropped['verify_base_model']!r}; it is ignored and the "
+                "base model is checked: whether an adapter may load onto a base model it was not trained on is "
+                "decided by whoever loads it, never by the file. To load it onto a base you know differs, set "
+                "cfg.verify_base_model = False on the config you load with.",
+                category=PeftSVDWarning, stacklevel=2,
+            )
+        dropped.pop("verify_base_model", None)
         foreign = {k: v for k, v in dropped.items() if v != defaults[k]}
         if foreign:
             warnings.warn(
@@ -229,6 +264,24 @@ class SVDConfig(PeftConfig):
                 category=PeftSVDWarning, stacklevel=2,
             )
         return loaded
+
+
+def _local_adapter_file(name_or_path: str, subfolder: str | None, hub_kwargs: dict) -> str | None:
+    """The adapter's safetensors file on this machine (its folder, or the Hub cache), or None."""
+    folder = os.path.join(name_or_path, subfolder) if subfolder else name_or_path
+    file = os.path.join(folder, loading.ADAPTER_FILE)
+    if os.path.isfile(file):
+        return file
+    if os.path.isdir(folder):
+        return None
+    filename = f"{subfolder}/{loading.ADAPTER_FILE}" if subfolder else loading.ADAPTER_FILE
+    try:
+        cached = try_to_load_from_cache(
+            name_or_path, filename, cache_dir=hub_kwargs.get("cache_dir"), revision=hub_kwargs.get("revision")
+        )
+    except ValueError:  # not a repo id
+        return None
+    return cached if isinstance(cached, str) else None
 
 
 def _runtime_property(name: str) -> property:

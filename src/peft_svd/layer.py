@@ -16,7 +16,17 @@ from torch import nn
 
 from .config import SVDConfig
 from .errors import PeftSVDWarning
-from .factorization import Factors, intra_op_threads, rank_of
+from .factorization import Factors, rank_of
+from .loading import base_fingerprint, check_layer_state, fingerprints_match, model_fingerprint
+
+__all__ = [
+    "Linear",
+    "SVDLayer",
+    "base_fingerprint",
+    "dispatch_default",
+    "fingerprints_match",
+    "model_fingerprint",
+]
 
 
 class SVDLayer(BaseTunerLayer):
@@ -53,7 +63,6 @@ class SVDLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.forward_mode = "auto"
-        self.verify_base_model = True
         self._weight_cache: _WeightCache | None = None
         # serving (mixed batches, see `_mixed_batch_forward`); set for a whole model by `SVDModel.set_serving`
         self.cached_weights = 1  # adapters' effective weights kept: `_weight_cache` + `cached_weights - 1` here
@@ -120,7 +129,6 @@ class SVDLayer(BaseTunerLayer):
             self.out_splits = out_splits
             self._blocks = _block_layout(self.out_features, self.in_features, out_splits)
         self.forward_mode = config.forward_mode
-        self.verify_base_model = config.verify_base_model
 
         weight = self.get_base_layer().weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
@@ -131,7 +139,7 @@ class SVDLayer(BaseTunerLayer):
             delta.normal_(0.0, 0.1 * rms)
         self.svd_delta[adapter_name] = nn.Parameter(delta.to(device=weight.device, dtype=dtype))
         if self.has_factors:
-            self.svd_fingerprint[adapter_name] = base_fingerprint(weight)
+            self.svd_fingerprint[adapter_name] = base_fingerprint(weight, self.out_splits)
         self._weight_cache = None
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -150,7 +158,7 @@ class SVDLayer(BaseTunerLayer):
         self._svd_U_blocks = tuple(U[r0:r1, c0:c1].contiguous() for r0, r1, c0, c1 in self._blocks)
         self.svd_S = factors.S.to(device=device, dtype=torch.float32)
         self.svd_Vh = factors.Vh.to(device=device, dtype=torch.float32)
-        fingerprint = base_fingerprint(self.get_base_layer().weight)
+        fingerprint = base_fingerprint(self.get_base_layer().weight, self.out_splits)
         for name in self.svd_delta:
             if name not in self.svd_fingerprint:
                 self.svd_fingerprint[name] = fingerprint.clone()
@@ -225,41 +233,19 @@ class SVDLayer(BaseTunerLayer):
             )
 
     def _check_on_load(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        """Refuse singular-value changes that are not finite, and compare the stored fingerprints."""
+        """Check this layer's tensors in a state dict being loaded (`peft_svd.loading.check_layer_state`).
+
+        PEFT's loading checks the whole adapter before anything is written (the tuner's
+        `_remap_adapter_state_dict_for_load`); this hook covers state dicts loaded without PEFT.
+        """
         layer = prefix.removeprefix("base_model.model.").rstrip(".")
         for name in self.svd_delta:
-            key = f"{prefix}svd_delta.{name}"
-            if key in state_dict and not torch.isfinite(state_dict[key]).all():
-                raise ValueError(
-                    f"The SVD adapter {name!r} has NaN or inf singular-value changes for layer '{layer}': the "
-                    "adapter file is damaged. Use another copy of the adapter."
-                )
-        for attribute in ("svd_fingerprint", "svd_model_fingerprint"):
-            for name, current in getattr(self, attribute).items():
-                key = f"{prefix}{attribute}.{name}"
-                if key not in state_dict or fingerprints_match(state_dict[key], current):
-                    continue
-                if attribute == "svd_fingerprint":
-                    differs = f"the weight of layer '{layer}' does not match the one the adapter was created on"
-                else:
-                    differs = (
-                        "its parameters outside the adapted layers (embeddings, norms, heads, ...) do not match "
-                        "those of the model the adapter was created on"
-                    )
-                message = (
-                    f"The SVD adapter {name!r} was trained on a different base model: {differs} (another "
-                    "checkpoint or a fine-tuned copy?). Load the adapter onto the base model it was trained on. "
-                    "To load it anyway, pass a config with verify_base_model=False: "
-                    "`cfg = SVDConfig.from_pretrained(path); cfg.verify_base_model = False; "
-                    "PeftModel.from_pretrained(model, path, config=cfg)`."
-                )
-                if self.verify_base_model:
-                    raise ValueError(message)
-                warnings.warn(
-                    message.split(" Load the adapter")[0] + " Loading anyway (verify_base_model=False).", category=PeftSVDWarning, stacklevel=2
-                )
-                # keep the fingerprint of the weights it is now attached to
-                state_dict[key] = current.clone()
+            entries = {
+                attribute: state_dict.get(f"{prefix}{attribute}.{name}")
+                for attribute in ("svd_delta", "svd_fingerprint", "svd_model_fingerprint")
+            }
+            if any(value is not None for value in entries.values()):
+                check_layer_state(self, layer, name, **entries)
 
     def _summed_delta(self, adapter_names) -> torch.Tensor:
         """Sum of the singular-value changes of the given adapters (they add up), float32 `(R,)`."""
@@ -343,63 +329,6 @@ def _block_layout(out_features: int, in_features: int, out_splits) -> tuple[tupl
         layout.append((row, row + rows, col, col + rank))
         row, col = row + rows, col + rank
     return tuple(layout)
-
-
-def base_fingerprint(weight: torch.Tensor) -> torch.Tensor:
-    """A few float64 numbers that identify a weight, stored as their int64 bit patterns `(6,)`.
-
-    Frobenius norm, element sum, three random +-1 sketches `p^T W q` (fixed per shape), and the
-    machine epsilon of the weight's dtype (which sets how close two fingerprints must be).
-    """
-    # One intra-op thread on the CPU: these few small products gain nothing from more, and on a
-    # CPU shared with other jobs each of them would wait at barriers (20x slower on 2 busy cores).
-    with intra_op_threads(1) if weight.device.type == "cpu" else contextlib.nullcontext():
-        return _fingerprint(weight)
-
-
-def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
-    w = weight.detach().to(torch.float64)
-    out_f, in_f = w.shape
-    gen = torch.Generator().manual_seed(out_f * 1_000_003 + in_f)
-    p = (torch.randint(0, 2, (3, out_f), generator=gen) * 2 - 1).to(w)
-    q = (torch.randint(0, 2, (3, in_f), generator=gen) * 2 - 1).to(w)
-    sketches = ((p @ w) * q).sum(-1)
-    values = torch.cat(
-        [
-            torch.stack([w.norm(), w.sum()]),
-            sketches,
-            torch.tensor([torch.finfo(weight.dtype).eps], dtype=torch.float64, device=w.device),
-        ]
-    )
-    return values.cpu().view(torch.int64)
-
-
-def model_fingerprint(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One fingerprint of many tensors (the base model's parameters outside the adapted layers) `(6,)`.
-
-    The sum of the tensors' `base_fingerprint`s (each seen as a matrix `(shape[0], -1)`), with the
-    largest machine epsilon among their dtypes: compared by `fingerprints_match` like that of one
-    weight, so a copy in lower precision matches and a changed tensor does not.
-    """
-    total = torch.zeros(6, dtype=torch.float64)
-    for t in tensors:
-        matrix = t.detach().reshape(t.shape[0] if t.ndim > 1 else 1, -1)
-        values = base_fingerprint(matrix).view(torch.float64)
-        total[:-1] += values[:-1]
-        total[-1] = max(float(total[-1]), float(values[-1]))
-    return total.view(torch.int64)
-
-
-def fingerprints_match(saved: torch.Tensor, current: torch.Tensor) -> bool:
-    """Whether two fingerprints describe the same weight, up to a rounding of it to a lower precision."""
-    if saved.shape != current.shape or saved.dtype != torch.int64:
-        return False
-    a = saved.detach().cpu().view(torch.float64)
-    b = current.detach().cpu().view(torch.float64)
-    scale = max(float(a[0]), float(b[0]), 1e-30)
-    # a rounding to a dtype moves each sketch by about eps * ||W||_F; allow 4x that (and 1e-5 floor)
-    tol = max(4 * max(float(a[-1]), float(b[-1])), 1e-5) * scale
-    return bool(((a[:-1] - b[:-1]).abs() <= tol).all())
 
 
 def _use_factored_for(tokens: int, out_features: int, in_features: int, rank: int, out_splits=None) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import re
-import warnings
 from contextlib import contextmanager
 from functools import partial
 
@@ -13,13 +12,14 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, NoMatchingPeftMo
 from peft.utils import _get_submodules
 from torch import nn
 
+from . import loading
 from ._registry import PREFIX
 from .config import SVDConfig
-from .errors import PeftSVDWarning
 from .factorization import factorize_cached
-from .layer import SVDLayer, dispatch_default, model_fingerprint
+from .layer import SVDLayer, dispatch_default
 from .layer_mha import MultiheadAttention as SVDMultiheadAttention
 from .layer_mha import is_packed_attention
+from .loading import model_fingerprint
 
 _CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -278,38 +278,23 @@ class SVDModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """PEFT's key remapping, then refuse changes for layers the model lacks; warn when fingerprints are absent."""
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        verify = getattr(config, "verify_base_model", True)
-        suffix = f".svd_delta.{adapter_name}"
-        # keys that PEFT could not map onto a layer of this model keep their saved form, without the adapter name
-        orphans = sorted(k.removeprefix("base_model.model.") for k in remapped if k.endswith(".svd_delta"))
-        if orphans:
-            layers = [k.removesuffix(".svd_delta") for k in orphans]
-            message = (
-                f"The SVD adapter {adapter_name!r} changes {len(layers)} layer(s) that this model does not have "
-                f"or does not adapt (first: '{layers[0]}'): it was made for a different base model, and loading "
-                "it would silently drop those changes. Load it onto the model it was trained on"
-            )
-            if verify:
-                raise ValueError(message + ", or pass a config with verify_base_model=False to load the rest.")
-            warnings.warn(message + "; loading the rest (verify_base_model=False).", category=PeftSVDWarning, stacklevel=2)
-            remapped = {k: v for k, v in remapped.items() if not k.endswith((".svd_delta", ".svd_fingerprint"))}
-            remapped = {k: v for k, v in remapped.items() if not k.endswith(".svd_model_fingerprint")}
+        """PEFT's key remapping, then every check of the adapter's tensors against the model (`peft_svd.loading`).
 
-        layers = [k.removesuffix(suffix) for k in remapped if k.endswith(suffix)]
-        unchecked = [name for name in layers if f"{name}.svd_fingerprint.{adapter_name}" not in remapped]
-        has_model_fingerprint = any(k.endswith(f".svd_model_fingerprint.{adapter_name}") for k in remapped)
-        if layers and (unchecked or not has_model_fingerprint):
-            what = f"{len(unchecked)} of its {len(layers)} layers" if unchecked else "the base model"
-            warnings.warn(
-                f"The SVD adapter {adapter_name!r} carries no fingerprint of {what} it was trained on "
-                "(removed from the file?), so whether this is the right base model CANNOT be checked. If it is "
-                "not, every output of the adapted model is wrong, without any error. Only use this adapter if "
-                "you trust its source.",
-                category=PeftSVDWarning, stacklevel=2,
-            )
-        return remapped
+        PEFT's `set_peft_model_state_dict` calls this before `load_state_dict(strict=False)`, which
+        would write any key it is given: a refused adapter leaves the model as it was.
+        """
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        layers = {name: layer for name, layer in iter_svd_layers(model) if adapter_name in layer.svd_delta}
+        module_keys = {key for key in model.state_dict() if f".modules_to_save.{adapter_name}." in f".{key}"}
+        runtime = getattr(config, "runtime_config", None)
+        return loading.check_adapter_state_dict(
+            remapped,
+            adapter_name,
+            layers,
+            module_keys,
+            verify=getattr(runtime, "verify_base_model", True),
+            recorded_base=_recorded_base(config),
+        )
 
     def _check_safe_merge(self, adapter_names) -> None:
         """Raise, before anything is merged, if any layer's merged weight would have NaN or inf."""
@@ -417,6 +402,13 @@ def _routing_adapter_names(tuner: SVDModel, method):
             return method(*args, **kwargs)
 
     return call
+
+
+def _recorded_base(config) -> str | None:
+    """The base model an adapter's config records, `name` or `name@revision`, or None."""
+    name = getattr(config, "base_model_name_or_path", None)
+    revision = getattr(config, "revision", None)
+    return f"{name}@{revision}" if name and revision else name
 
 
 def _anchor_layer(model: nn.Module, adapter_name: str) -> SVDLayer | None:

@@ -10,8 +10,15 @@ or dataset is touched. Values are checked by the argparse `type=` functions belo
 
 import argparse
 import math
+import os
+import re
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+
+# A Hub repository id as the Hub accepts it: [<org>/]<name>, each part starting and ending with a
+# letter, digit or underscore, no "--" or "..", at most 96 characters.
+_REPO_ID = re.compile(r"^(?:\w(?:[\w.-]*\w)?/)?\w(?:[\w.-]*\w)?$")
+_WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -132,6 +139,38 @@ def check_model_and_dataset_args(parser: argparse.ArgumentParser, args: argparse
     if args.pretrained is not None and (args.model is None or args.model.startswith(("hf-hub:", "local-dir:"))):
         parser.error("--pretrained goes with an OpenCLIP architecture as --model (e.g. --model ViT-B-16 --pretrained openai); "
                      "hf-hub: and local-dir: models carry their own weights")
+    if args.model is not None:
+        problem = model_argument_problem(args.model)
+        if problem:
+            parser.error(f"--model {args.model}: {problem}")
+    if args.pretrained is not None and (os.sep in args.pretrained or args.pretrained.endswith(_WEIGHT_FILE_SUFFIXES)):
+        if not os.path.isfile(args.pretrained):
+            parser.error(f"--pretrained {args.pretrained}: no such weights file (give a file, or a pretrained tag such as openai)")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` has the form of a Hub repository id (`org/name` or `name`); says nothing of
+    whether the repository exists."""
+    return len(name) <= 96 and "--" not in name and ".." not in name and bool(_REPO_ID.match(name))
+
+
+def model_argument_problem(model: str) -> str | None:
+    """Returns what is wrong with a --model value that can be told without loading anything (a
+    folder that does not exist, a file), or None. Names of the Hub and OpenCLIP architectures pass
+    when they have the form of one; whether they exist is found when the model loads."""
+    if model.startswith("hf-hub:"):
+        repo = model[len("hf-hub:"):]
+        return None if is_hub_id(repo) else f"{repo!r} is not a Hub id (hf-hub:<org>/<name>)"
+    if model.startswith("local-dir:"):
+        folder = model[len("local-dir:"):]
+        return None if os.path.isdir(folder) else f"no such folder {folder!r}"
+    if os.path.isdir(model):
+        return None
+    if os.path.exists(model):
+        return "is a file; give the model's folder (config.json or open_clip_config.json and the weights), or a Hub id"
+    if is_hub_id(model):
+        return None
+    return "no such folder, and not a Hub id (<org>/<name>); give a model folder, a Hub id or hf-hub:<org>/<name>"
 
 
 def default_num_workers(device_type: str, num_processes: int, cpu_count: int | None) -> int:

@@ -241,9 +241,11 @@ def _train_then_evaluate(tmp_path, model, *, shots, test_per_class, train_flags=
 
 
 def test_fewshot_script_on_a_local_openclip_checkpoint_and_evaluate_reloads_it(hub, openai_style_dir, tmp_path):
-    out, results, evaluated = _train_then_evaluate(tmp_path, openai_style_dir, shots=2, test_per_class=2)
+    # a folder recorded in adapter_config.json is loaded only when the user names it (--model)
+    out, results, evaluated = _train_then_evaluate(tmp_path, openai_style_dir, shots=2, test_per_class=2,
+                                                   evaluate_flags=["--model", openai_style_dir])
     assert "accuracy" in results["results"]["BUSI"]["zero_shot"]
-    assert evaluated == results["results"]  # evaluate_adapter.py reloaded the base from the adapter's record
+    assert evaluated == results["results"]  # evaluate_adapter.py loaded the same base
     assert all(name.startswith("local-dir:") for name in hub)  # the folder, through open_clip's local-dir: schema
 
 
@@ -257,9 +259,11 @@ def test_fewshot_script_on_a_hub_biomedclip_and_evaluate_reloads_it(hub, tmp_pat
 
 def test_fewshot_script_on_an_architecture_with_pretrained_weights(architecture, tmp_path):
     name, weights = architecture
-    out, results, evaluated = _train_then_evaluate(tmp_path, name, shots=1, test_per_class=1, train_flags=["--pretrained", weights])
+    # a weights file recorded as the adapter's revision is loaded only when the user names it (--pretrained)
+    out, results, evaluated = _train_then_evaluate(tmp_path, name, shots=1, test_per_class=1, train_flags=["--pretrained", weights],
+                                                   evaluate_flags=["--model", name, "--pretrained", weights])
     assert results["pretrained"] == weights
     assert json.load(open(os.path.join(out, "adapter_config.json")))["revision"] == weights
-    assert evaluated == results["results"]  # evaluate_adapter.py took the weights from the adapter's revision
+    assert evaluated == results["results"]  # evaluate_adapter.py loaded the same weights
     card = open(os.path.join(out, "README.md")).read()
     assert f'create_model_from_pretrained("{name}", pretrained="{weights}")' in card and "base_model:" not in card

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -110,12 +111,24 @@ def test_outputs_adapter_results_and_model_card(reference, tiny_clip_dir):
     assert sorted(os.listdir(os.path.join(reference, "checkpoints"))) == ["step_4", "step_8"]
 
 
-def test_saved_adapter_evaluates_to_the_reported_accuracy(reference, evaluate_example, colors_dir, tmp_path):
+def test_saved_adapter_evaluates_to_the_reported_accuracy(reference, evaluate_example, colors_dir, tiny_clip_dir, tmp_path):
     out = tmp_path / "eval.json"
-    evaluate_example.main(["--adapter", reference, "--dataset", colors_dir, "--output", str(out)])
+    # the base folder the adapter records is loaded only when the user names it (--model)
+    evaluate_example.main(["--adapter", reference, "--model", tiny_clip_dir, "--dataset", colors_dir, "--output", str(out)])
     reported = json.load(open(os.path.join(reference, "results.json")))["results"]
     evaluated = json.load(open(out))["results"]
     assert evaluated == reported
+
+
+def test_other_datasets_are_scored_with_their_cross_dataset_template(reference, evaluate_example, colors_dir, tiny_clip_dir, tmp_path):
+    food = tmp_path / "food101"  # a folder named like the paper's dataset gets that dataset's templates
+    shutil.copytree(colors_dir, food)
+    out = tmp_path / "eval.json"
+    evaluate_example.main(["--adapter", reference, "--model", tiny_clip_dir, "--dataset", str(food), colors_dir,
+                           "--output", str(out), "--skip-zero-shot"])
+    used = json.load(open(out))["templates"]
+    assert used["food101"] == "a photo of {}, a type of food."  # the public code's cross-dataset template
+    assert used[os.path.basename(colors_dir)] == "a photo of a {}."
 
 
 def test_two_processes_give_the_adapter_of_one(reference, tiny_clip_dir, colors_dir, tmp_path):
@@ -427,12 +440,13 @@ def test_failed_final_write_leaves_the_previous_run_untouched(fewshot, reference
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(modelcard, "write_model_card", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(SystemExit, match="^error: cannot write the run's files to .*No space left on device"):
         fewshot.main(["--model", tiny_clip_dir, "--dataset", colors_dir, "--shots", "1", "--max-steps", "1", "--batch-size", "5",
                       "--skip-zero-shot", "--output-dir", out, "--overwrite-output-dir"])
     after = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out) if os.path.isfile(os.path.join(out, n))}
     assert after == before
-    assert sorted(os.listdir(out)) == sorted(os.listdir(reference))  # no staging folder left behind
+    # No staging folder left behind; the replaced run's checkpoints went when the new run started training.
+    assert sorted(os.listdir(out)) == sorted(set(os.listdir(reference)) - {"checkpoints"})
 
 
 def test_refused_output_folder_ends_accelerate_launch_with_the_message_only(reference, tiny_clip_dir, colors_dir):

@@ -153,6 +153,18 @@ def resolve(name: str) -> BenchmarkDataset:
     return DATASETS[key]
 
 
+def check_trainable(source: str) -> None:
+    """Raises ValueError, before anything is read, if the benchmark dataset `source` has no training
+    images (the ImageNet variants are test sets of the domain-shift protocol), saying how it is used."""
+    spec = resolve(source)
+    if spec.domain == "imagenet-shift":
+        raise ValueError(
+            f"{spec.title} (coop:{spec.key}) is a test-only dataset of the domain-shift protocol: it has no training "
+            f"images. Train on coop:imagenet and evaluate on it with --eval-datasets coop:{spec.key}, or evaluate a "
+            f"trained adapter with examples/evaluate_adapter.py --adapter DIR --dataset coop:{spec.key} --data-root DATA"
+        )
+
+
 def expected_layout(spec: BenchmarkDataset) -> str:
     """Returns the folder layout `spec` must have under the data root, as an indented tree."""
     root = f"<data root>/{spec.folder}/"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import PeftSVDWarning
 
@@ -78,10 +78,15 @@ class ImageClassificationData:
                     logger.warning("%s has no %r split; using %r for %s", self.source, fallbacks[0], candidate, purpose)
                 return candidate, self.splits[candidate]
         flag = "--train-split" if purpose == "training" else "--test-split"
+        evaluation_only = purpose == "training" and set(self.splits) <= {"test", *VALIDATION_SPLIT_NAMES}
+        advice = (
+            " A dataset with no training images can only be evaluated: pass it with --eval-datasets, or to "
+            "examples/evaluate_adapter.py --dataset." if evaluation_only else ""
+        )
         raise ValueError(
             f"dataset {self.source!r} has no split {' or '.join(map(repr, wanted))} for {purpose}; it has "
             f"{sorted(self.splits)}. Pass {flag} NAME, or for a local folder lay it out as "
-            "<folder>/train/<class>/*.jpg and <folder>/test/<class>/*.jpg."
+            f"<folder>/train/<class>/*.jpg and <folder>/test/<class>/*.jpg.{advice}"
         )
 
     def labels(self, split: str) -> np.ndarray:
@@ -295,7 +300,9 @@ def check_labelled(data: ImageClassificationData, split: str) -> None:
         )
 
 
-def sample_few_shot(labels: Sequence[int], shots: int, seed: int, classes: Sequence[int] | None = None) -> list[int]:
+def sample_few_shot(
+    labels: Sequence[int], shots: int, seed: int, classes: Sequence[int] | None = None, class_names: Sequence[str] | None = None
+) -> list[int]:
     """Chooses `shots` rows per class, the same rows for the same seed on every machine.
 
     The choice for class `c` is the first `shots` rows of a permutation of that class's rows
@@ -307,10 +314,12 @@ def sample_few_shot(labels: Sequence[int], shots: int, seed: int, classes: Seque
         shots: K, images per class.
         seed: non-negative integer.
         classes: class ids to sample (default: 0 .. max(labels)).
+        class_names: names of the class ids, for the warnings.
 
     Returns:
         Sorted row indices, about `shots * len(classes)` of them. A class with fewer than `shots`
-        rows contributes all it has, with a warning.
+        rows contributes all it has, with a warning; a class with none is warned about by name
+        (`classes_without_rows` lists them).
 
     Raises:
         ValueError: `shots < 1`, or no class has any row.
@@ -322,17 +331,27 @@ def sample_few_shot(labels: Sequence[int], shots: int, seed: int, classes: Seque
         classes = range(int(labels.max()) + 1 if labels.size else 0)
     order = np.argsort(labels, kind="stable")
     sorted_labels = labels[order]
-    chosen, short = [], {}
+    chosen, short, absent = [], {}, []
     for c in classes:
         lo, hi = np.searchsorted(sorted_labels, [c, c + 1])
         rows = order[lo:hi]
         rng = np.random.default_rng([seed, _SHOTS_STREAM, int(c)])
         chosen.append(rows[rng.permutation(rows.size)[:shots]])
-        if rows.size < shots:
+        if rows.size == 0:
+            absent.append(int(c))
+        elif rows.size < shots:
             short[int(c)] = int(rows.size)
     rows = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
     if rows.size == 0:
         raise ValueError("no training images for any class: the training split is empty or has no labelled rows")
+    if absent:
+        names = [repr(class_names[c]) if class_names is not None else f"class {c}" for c in absent]
+        listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        warnings.warn(
+            f"{len(absent)} of the {len(list(classes))} classes trained have no training image and are never trained: "
+            f"{listed}; the adapter still scores them, from the base model's knowledge only",
+            category=PeftSVDWarning, stacklevel=2,
+        )
     if short:
         listed = ", ".join(f"class {c}: {n}" for c, n in list(short.items())[:10])
         more = f" and {len(short) - 10} more" if len(short) > 10 else ""
@@ -341,6 +360,12 @@ def sample_few_shot(labels: Sequence[int], shots: int, seed: int, classes: Seque
             category=PeftSVDWarning, stacklevel=2,
         )
     return rows.tolist()
+
+
+def classes_without_rows(labels: Sequence[int], classes: Sequence[int]) -> list[int]:
+    """Returns the ids of `classes` that no row of `labels` has, in the order of `classes`."""
+    present = set(np.asarray(labels, dtype=np.int64).tolist())
+    return [int(c) for c in classes if int(c) not in present]
 
 
 def base_novel_classes(num_classes: int) -> tuple[list[int], list[int]]:
@@ -396,7 +421,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def read_image(split: datasets.Dataset, row: int) -> Image.Image:
     """Decodes the image of `row` of a split loaded by `load_image_classification` as 8-bit RGB
-    (see `to_rgb` for 16-bit and float images).
+    (see `to_rgb` for 16-bit and float images), turned upright by its EXIF orientation tag.
 
     Raises:
         UnreadableImageError: naming the file (or the row, for images stored as bytes).
@@ -414,7 +439,9 @@ def read_image(split: datasets.Dataset, row: int) -> Image.Image:
         else:
             raise ValueError("the row holds no image data")
         image.load()  # decode now, so that a truncated file fails here, with its name
-        return to_rgb(image)
+        # A camera's orientation tag says how the stored pixels must be turned to stand upright (as the
+        # datasets library's own decoder does).
+        return to_rgb(ImageOps.exif_transpose(image))
     except Exception as exc:
         where = f"file {path!r}" if path else "an image stored in the dataset"
         raise UnreadableImageError(f"cannot read {where} (row {row}): {type(exc).__name__}: {exc}") from exc

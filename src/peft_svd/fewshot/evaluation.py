@@ -9,12 +9,21 @@ module shipped in `metrics/accuracy` (loaded by path, so it works offline).
 import contextlib
 import math
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import EvalSet, ImageClassificationData, base_novel_classes, check_labelled, rows_of_classes
+from ..errors import PeftSVDWarning
+from .data import (
+    EvalSet,
+    ImageClassificationData,
+    base_novel_classes,
+    check_labelled,
+    classes_without_rows,
+    rows_of_classes,
+)
 from .zeroshot import encode_images, zero_shot_head
 
 METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "accuracy")
@@ -155,7 +164,8 @@ def evaluate_protocol(
             base-to-novel), or "base-to-novel" (both halves and their harmonic mean).
 
     Returns:
-        For "all", "base", "novel": `{"split", "classes", "num_classes", "adapted", "zero_shot"}`.
+        For "all", "base", "novel": `{"split", "classes", "num_classes", "adapted", "zero_shot"}`, and
+        `"untested_classes"` (names) when some of the classes have no image in `split` (also warned).
         For "base-to-novel": `{"base": ..., "novel": ..., "harmonic_mean": {"adapted": hm,
         "zero_shot": hm}}` with accuracies in percent.
     """
@@ -185,4 +195,19 @@ def evaluate_protocol(
     scores = evaluate_base_and_adapted(
         accelerator, peft_model, tokenizer, names, template, loader, zero_shot=zero_shot, desc=f"{data.name}/{classes}"
     )
-    return {"split": split, "classes": classes, "num_classes": len(ids), **scores}
+    result = {"split": split, "classes": classes, "num_classes": len(ids), **scores}
+    untested = [data.class_names[c] for c in classes_without_rows(data.labels(split), ids)]
+    if untested:
+        # Each class is still a choice of the head, but its own accuracy is never measured.
+        warnings.warn(
+            f"{len(untested)} of the {len(ids)} classes evaluated on split {split!r} of {data.source} have no image there "
+            f"and are never tested: {_listed(untested)}; the accuracy is over the other {len(ids) - len(untested)}",
+            category=PeftSVDWarning, stacklevel=2,
+        )
+        result["untested_classes"] = untested
+    return result
+
+
+def _listed(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

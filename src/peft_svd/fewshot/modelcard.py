@@ -231,6 +231,7 @@ def _card_text(summary: dict) -> str:
         "## Results",
         "",
         *_zero_shot_warning(summary),
+        *_class_coverage_notes(summary),
         "Top-1 accuracy (%) with one prompt per class; zero-shot is the base model without the adapter.",
         "",
         results_table(summary["results"]),
@@ -291,6 +292,29 @@ def _zero_shot_warning(summary: dict) -> list[str]:
         *(f"- {a}" for a in check["advice"]),
         "",
     ]
+
+
+def _untested(results: dict) -> dict[str, list[str]]:
+    """Returns `{dataset: untested class names}` over the entries of `results` (and their halves)."""
+    found = {}
+    for dataset, entry in results.items():
+        parts = [entry[h] for h in ("base", "novel") if h in entry] or [entry]
+        names = [n for part in parts for n in part.get("untested_classes", [])]
+        if names:
+            found[dataset] = names
+    return found
+
+
+def _class_coverage_notes(summary: dict) -> list[str]:
+    notes = []
+    untrained = summary.get("untrained_classes") or []
+    if untrained:
+        notes.append(f"**Never trained:** {len(untrained)} class(es) had no training image: "
+                     f"{', '.join(f'`{n}`' for n in untrained)}.")
+    for dataset, names in _untested(summary.get("results", {})).items():
+        notes.append(f"**Never tested on {dataset}:** {len(names)} class(es) have no test image: "
+                     f"{', '.join(f'`{n}`' for n in names)}; the accuracy is over the others.")
+    return [line for note in notes for line in (note, "")]
 
 
 def _validation_rows(summary: dict) -> list[str]:

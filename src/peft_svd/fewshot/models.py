@@ -30,12 +30,14 @@ towers (bidirectional ones pooled at the last position, as SigLIP's) get the ful
 import contextlib
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL import Image
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -401,9 +403,21 @@ def adapt(model: torch.nn.Module, config, **kwargs):
 
 def load_adapter(model: torch.nn.Module, adapter: str, **kwargs):
     """Returns `peft.PeftModel.from_pretrained(model, adapter, **kwargs)`: the model of a
-    `DualEncoder` with a saved adapter (folder or Hub id). Import `peft_svd` first for SVD adapters."""
+    `DualEncoder` with a saved adapter (folder or Hub id). Import `peft_svd` first for SVD adapters.
+
+    A local folder is checked first (`peft_svd.loading.check_adapter_folder`): a file holding SVD
+    changes under another `peft_type` (which PEFT would load as an adapter that changes nothing), a
+    misspelt type, and a file holding anything but the adapter's own tensors are refused.
+
+    Raises:
+        ValueError: the folder is refused, or PEFT's loading refuses the adapter.
+    """
     from peft import PeftModel
 
+    from peft_svd import loading
+
+    if os.path.isdir(adapter):
+        loading.check_adapter_folder(adapter)
     with _peft_wrapping():
         return PeftModel.from_pretrained(model, adapter, **kwargs)
 
@@ -411,13 +425,70 @@ def load_adapter(model: torch.nn.Module, adapter: str, **kwargs):
 def read_adapter_base(adapter: str) -> tuple[str | None, str | None]:
     """Returns `(base_model_name_or_path, revision)` recorded in a local adapter folder's
     adapter_config.json, `(None, None)` if there is none. `load_dual_encoder(name, pretrained=revision)`
-    loads that base model (`peft-svd/builtin` included)."""
+    loads that base model (`peft-svd/builtin` included); see `base_for_adapter` for what a file may choose.
+
+    Raises:
+        ValueError: the file is not a JSON object.
+    """
     path = os.path.join(adapter, "adapter_config.json")
     if not os.path.isfile(path):
         return None, None
-    with open(path) as f:
-        config = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} cannot be read ({err}); use another copy of the adapter") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a {type(config).__name__}, not a JSON object; use another copy of the adapter")
     return config.get("base_model_name_or_path"), config.get("revision")
+
+
+def base_for_adapter(
+    adapter: str, model: str | None = None, pretrained: str | None = None, flag: str = "--model"
+) -> tuple[str, str | None, str]:
+    """Returns `(name, pretrained, source)`: the base model to load for `adapter`, and where that came from.
+
+    The user's `model` / `pretrained` when given; else what the adapter's adapter_config.json
+    records (`base_model_name_or_path`, `revision`), but only where a file from someone else may
+    choose it: the built-in model, a Hub id or an `hf-hub:` name, and an OpenCLIP pretrained tag.
+    A recorded path on this machine (a folder, a weights file, `local-dir:`) is loaded only when
+    the user passes it (`flag`, `--pretrained`). `source` says which, for the user to read.
+
+    Raises:
+        ValueError: no base model is known, or the file names one on this machine.
+    """
+    from peft_svd import builtin
+
+    config_file = os.path.join(adapter, "adapter_config.json")
+    saved_base, saved_revision = read_adapter_base(adapter)
+    name = model or saved_base
+    if not name:
+        raise ValueError(f"{adapter} does not say which base model it adapts (no base_model_name_or_path); pass {flag}")
+    revision = pretrained
+    if pretrained is None and saved_revision is not None and model in (None, saved_base):
+        revision = saved_revision
+    refused = []
+    if model is None and name != builtin.MODEL_NAME:
+        hub = name.removeprefix(_HF_HUB_PREFIX)
+        try:
+            validate_repo_id(hub)
+            local = os.path.exists(name) or os.path.exists(hub) or name.startswith(_LOCAL_DIR_PREFIX)
+        except HFValidationError:
+            local = True
+        if local:
+            refused.append(f"base model {name!r}, which is not a Hub id but a path on this machine; pass {flag} {name} if you trust it")
+    if pretrained is None and revision is not None:
+        if os.path.exists(revision) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", revision):
+            refused.append(f"pretrained weights {revision!r}, which is not a pretrained tag but a file path; pass --pretrained {revision} if you trust it")
+    if refused:
+        raise ValueError(
+            f"{config_file} names the {' and the '.join(refused)}. A file from someone else does not choose what is "
+            "loaded from your disk"
+        )
+    source = "given on the command line" if model else f"recorded in {config_file}"
+    if revision is not None:
+        source += "; pretrained weights " + ("given on the command line" if pretrained else "recorded there")
+    return name, revision, source
 
 
 # -- Where the parts of a dual encoder are: blocks, attention heads, projections, joint space. ----

@@ -108,6 +108,9 @@ class RunSummary:
         lr_choice: `autorecipe.LearningRateChoice.to_dict()` with --lr auto.
         zero_shot_check: `autorecipe.ZeroShotComparison.to_dict()`: adapted against zero-shot on the
             validation split (else the test split), `worse` and the advice when adaptation hurt.
+        untrained_classes: names of the classes trained on that have no image in the training split
+            (never trained); classes without a test image are in the entries of `results`
+            (`untested_classes`).
     """
 
     run: RunRecord
@@ -126,6 +129,7 @@ class RunSummary:
     augmentation_choice: dict[str, Any] | None = None
     lr_choice: dict[str, Any] | None = None
     zero_shot_check: dict[str, Any] | None = None
+    untrained_classes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the JSON object of results.json."""

@@ -1,6 +1,9 @@
-"""Prompt templates: one hand-written template per dataset, as in the CLIP-SVD reference recipe.
+"""Prompt templates: one hand-written template per dataset and protocol, as in the CLIP-SVD
+reference recipe.
 
-A template is a string with one `{}` that the class name fills: `"a photo of a {}."`.
+A template is a string with one `{}` that the class name fills: `"a photo of a {}."`. The reference
+recipe gives every dataset one template for few-shot runs (`TEMPLATES`) and, for a few datasets,
+another for base-to-novel runs or as a cross-dataset target (`PROTOCOL_TEMPLATES`).
 """
 
 import logging
@@ -45,6 +48,24 @@ TEMPLATES = {
     "lungcolon": "a photo of a {}.",
 }
 
+PROTOCOLS = ("few-shot", "base-to-novel", "cross-dataset")
+
+# Where the reference recipe's base-to-novel or cross-dataset configuration of a dataset uses
+# another template than its few-shot one (same keys as `TEMPLATES`). The domain-shift targets
+# (ImageNet variants) keep theirs.
+PROTOCOL_TEMPLATES = {
+    "base-to-novel": {
+        "food101": "a photo of {}, a type of food.",
+        "dtd": "a photo of a {}.",
+        "eurosat": "a photo of a {}.",
+        "ucf101": "a photo of a {}.",
+        "covid19": "a photo of a {}.",
+    },
+    "cross-dataset": {
+        "food101": "a photo of {}, a type of food.",
+    },
+}
+
 # Other spellings of the same datasets (Hub ids and folder names vary).
 _ALIASES = {
     "oxfordiiitpet": "oxfordpets",
@@ -84,23 +105,44 @@ def check_template(template: str) -> str:
     return template
 
 
-def template_for(dataset_name: str, template: str | None = None) -> str:
-    """Returns the prompt template for a dataset.
-
-    `template` (the --template flag) wins when given. Otherwise the dataset name is looked up in
-    `TEMPLATES` (exact key, alias, then the longest known name it contains, so that
-    `"eurosat_rgb"` finds EuroSAT); unknown datasets get `DEFAULT_TEMPLATE`.
-    """
-    if template is not None:
-        return check_template(template)
+def _known_key(dataset_name: str) -> str | None:
+    """Returns the `TEMPLATES` key of a dataset name (exact key, alias, then the longest known name
+    it contains, so that `"eurosat_rgb"` finds EuroSAT), or None."""
     key = normalize_dataset_name(dataset_name)
     key = _ALIASES.get(key, key)
     if key in TEMPLATES:
-        return TEMPLATES[key]
+        return key
     contained = [k for k in list(TEMPLATES) + list(_ALIASES) if len(k) >= 3 and k in key]
     if contained:
         best = max(contained, key=len)
-        return TEMPLATES[_ALIASES.get(best, best)]
+        return _ALIASES.get(best, best)
+    return None
+
+
+def protocol_template(dataset_name: str, protocol: str) -> str | None:
+    """Returns the template the reference recipe uses for this dataset under `protocol` (one of
+    `PROTOCOLS`) where it differs from the few-shot one, else None."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    key = _known_key(dataset_name)
+    return PROTOCOL_TEMPLATES.get(protocol, {}).get(key) if key is not None else None
+
+
+def template_for(dataset_name: str, template: str | None = None, *, protocol: str = "few-shot") -> str:
+    """Returns the prompt template for a dataset.
+
+    `template` (the --template flag) wins when given. Otherwise the dataset name is looked up in
+    `PROTOCOL_TEMPLATES[protocol]`, then in `TEMPLATES` (exact key, alias, then the longest known
+    name it contains, so that `"eurosat_rgb"` finds EuroSAT); unknown datasets get `DEFAULT_TEMPLATE`.
+    """
+    if template is not None:
+        return check_template(template)
+    specific = protocol_template(dataset_name, protocol)
+    if specific is not None:
+        return specific
+    key = _known_key(dataset_name)
+    if key is not None:
+        return TEMPLATES[key]
     logger.info("no template known for dataset %r; using %r (set one with --template)", dataset_name, DEFAULT_TEMPLATE)
     return DEFAULT_TEMPLATE
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import time
@@ -26,6 +27,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..errors import PeftSVDWarning
 from .record import RunRecord
 from .zeroshot import check_dual_encoder, encode_images, encode_text, logit_scale
 
@@ -34,6 +36,19 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step_"
 _ADAPTER_FILE = "adapter_model_{}.safetensors"
 _RUN_FILE = "fewshot_run.json"
+# What `accelerator.save_state` writes for one model, optimizer and scheduler, besides our adapter file
+# (one random_states_<i>.pkl per process; process 0's is always there).
+_ACCELERATE_FILES = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed from: a file is missing, truncated or not what this script
+    writes. The message names the file."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota); nothing of it is left behind. The
+    message names the folder and the cause."""
 
 
 @dataclass
@@ -238,38 +253,184 @@ def save_checkpoint(accelerator, checkpoint_root: str, step: int, run: RunRecord
     """Saves the training state after `step` optimisation steps to `<checkpoint_root>/step_<step>`.
 
     The state is written to a temporary folder and renamed when complete, so a run killed while
-    saving leaves no half-written checkpoint behind. Must be called on every process.
+    saving leaves no half-written checkpoint behind (and a failed or interrupted save removes it).
+    Must be called on every process.
 
     Returns:
         The checkpoint folder.
+
+    Raises:
+        CheckpointWriteError: a write failed on some process (a full disk); raised on every process.
     """
     final = os.path.join(checkpoint_root, f"{CHECKPOINT_PREFIX}{step}")
     partial = os.path.join(checkpoint_root, f".{CHECKPOINT_PREFIX}{step}.partial")
-    if accelerator.is_main_process:
+
+    def start():
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(partial)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def finish():
         with open(os.path.join(partial, _RUN_FILE), "w") as f:
             json.dump({"step": step, "run": run.to_dict() if run is not None else {}}, f, indent=2)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-    accelerator.wait_for_everyone()
+
+    # Every process takes part in each stage and learns whether any failed, so that a failure on one
+    # (a full disk) ends all of them with the same error instead of leaving the others waiting.
+    try:
+        _together(accelerator, start if accelerator.is_main_process else None, partial)
+        _together(accelerator, lambda: accelerator.save_state(partial), partial)
+        _together(accelerator, finish if accelerator.is_main_process else None, partial)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     return final
 
 
-def latest_checkpoint(checkpoint_root: str) -> str | None:
-    """Returns the complete checkpoint with the most steps under `checkpoint_root`, or None."""
+def write_error_cause(exc: BaseException) -> str:
+    """Returns one line saying why a write failed: `<file>: <reason>` for an OSError that names its
+    file, else the first line of the error."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _together(accelerator, work, folder: str) -> None:
+    """Runs `work` (or nothing, for None) on this process, then raises `CheckpointWriteError` on
+    every process if it raised OSError on any."""
+    from accelerate.utils import gather_object
+    from safetensors import SafetensorError
+
+    error = None
+    if work is not None:
+        try:
+            work()
+        except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save and safetensors report a full disk as these
+            error = f"cannot write checkpoint {folder} ({write_error_cause(exc)})"
+    errors = gather_object([error]) if accelerator.num_processes > 1 else [error]
+    first = next((e for e in errors if e), None)
+    if first:
+        raise CheckpointWriteError(first)
+
+
+def checkpoints_to_write(num_steps: int, start_step: int, checkpointing_steps: int | None) -> int:
+    """Returns how many checkpoints `train` saves for these arguments (every `checkpointing_steps`
+    steps after `start_step`, not after the last step)."""
+    if not checkpointing_steps:
+        return 0
+    return max(0, (num_steps - 1) // checkpointing_steps - start_step // checkpointing_steps)
+
+
+def _checkpoints(checkpoint_root: str) -> list[str]:
+    """Returns the complete (renamed) checkpoint folders under `checkpoint_root`, most steps first."""
     if not os.path.isdir(checkpoint_root):
-        return None
+        return []
     steps = [
         (int(m.group(1)), name)
         for name in os.listdir(checkpoint_root)
         if (m := re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", name)) and os.path.isdir(os.path.join(checkpoint_root, name))
     ]
-    return os.path.join(checkpoint_root, max(steps)[1]) if steps else None
+    return [os.path.join(checkpoint_root, name) for _, name in sorted(steps, reverse=True)]
+
+
+def latest_checkpoint(checkpoint_root: str) -> str | None:
+    """Returns the complete checkpoint with the most steps under `checkpoint_root`, or None."""
+    found = _checkpoints(checkpoint_root)
+    return found[0] if found else None
+
+
+def remove_partial_checkpoints(checkpoint_root: str) -> list[str]:
+    """Removes the `.step_<N>.partial` folders a run killed while saving left under `checkpoint_root`
+    (never resumed from: a checkpoint is complete once renamed). Call while holding the output
+    folder's lock. Returns the names removed."""
+    if not os.path.isdir(checkpoint_root):
+        return []
+    names = [n for n in os.listdir(checkpoint_root) if re.fullmatch(rf"\.{CHECKPOINT_PREFIX}\d+\.partial", n)]
+    for name in names:
+        shutil.rmtree(os.path.join(checkpoint_root, name), ignore_errors=True)
+    return names
+
+
+def verify_checkpoint(path: str) -> int:
+    """Reads every file of the checkpoint at `path` the way resuming will (the run record, the adapter,
+    Accelerate's optimizer, scheduler and random states, with `weights_only` unpickling), so that a
+    damaged or foreign checkpoint is found before anything loads.
+
+    Returns:
+        The number of optimisation steps it completed.
+
+    Raises:
+        CheckpointError: naming the file that is missing, truncated, or holds something other than
+            tensors and plain values (a pickle with code in it).
+    """
+    from accelerate.utils import load as accelerate_load
+    from safetensors import SafetensorError
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a folder)")
+    step = int(_read_run_file(path)["step"])
+    names = set(os.listdir(path))
+    for required in (_ADAPTER_FILE.format(0), *_ACCELERATE_FILES):
+        if required not in names:
+            raise CheckpointError(f"checkpoint {path} is incomplete: {required} is missing")
+    for name in sorted(names - {_RUN_FILE}):
+        file = os.path.join(path, name)
+        try:
+            if name.endswith(".safetensors"):
+                load_file(file)
+            elif name.endswith((".bin", ".pkl", ".pt")):
+                accelerate_load(file, map_location="cpu")
+        except (OSError, SafetensorError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"checkpoint file {file} cannot be read safely ({type(exc).__name__}: {reason[:300]})"
+            ) from exc
+    return step
+
+
+def _read_run_file(path: str) -> dict:
+    """Returns the checkpoint's `{"step": int, "run": dict}`; raises CheckpointError naming the file
+    when it is missing or damaged."""
+    info_path = os.path.join(path, _RUN_FILE)
+    if not os.path.isfile(info_path):
+        raise CheckpointError(f"{path} is not a checkpoint written by --checkpointing-steps (no {_RUN_FILE})")
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+        int(info["step"])
+        if not isinstance(info["run"], dict):
+            raise TypeError("'run' is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint file {info_path} is damaged ({type(exc).__name__}: {exc})") from exc
+    return info
+
+
+def find_checkpoint(checkpoint_root: str) -> str:
+    """Returns the newest checkpoint under `checkpoint_root` that `verify_checkpoint` accepts; each
+    newer one it skips is named in a `PeftSVDWarning` with what is wrong with it.
+
+    Raises:
+        CheckpointError: there is no checkpoint, or none can be read (each named).
+    """
+    found = _checkpoints(checkpoint_root)
+    if not found:
+        raise CheckpointError(f"no checkpoint to resume from under {checkpoint_root}")
+    problems = []
+    for path in found:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        if problems:
+            warnings.warn(
+                f"resuming from {path}, the newest checkpoint that can be read; skipped: {'; '.join(problems)}",
+                category=PeftSVDWarning, stacklevel=2,
+            )
+        return path
+    raise CheckpointError(f"no checkpoint under {checkpoint_root} can be resumed from: {'; '.join(problems)}")
 
 
 def read_checkpoint(path: str, run: RunRecord) -> int:
@@ -278,19 +439,19 @@ def read_checkpoint(path: str, run: RunRecord) -> int:
     Returns:
         The number of optimisation steps it completed.
 
+    Only the run record is read; `verify_checkpoint` reads the rest.
+
     Raises:
-        ValueError: not a checkpoint of this script, or written with other settings (named).
+        CheckpointError: not a checkpoint of this script, or its run record is damaged (named).
+        ValueError: written with other settings (named).
     """
-    info_path = os.path.join(path, _RUN_FILE)
-    if not os.path.isfile(info_path):
-        raise ValueError(f"{path} is not a checkpoint written by --checkpointing-steps (no {_RUN_FILE})")
-    with open(info_path) as f:
-        info = json.load(f)
+    info = _read_run_file(path)
+    step = int(info["step"])
     differ = run.differences(info["run"])
     if differ:
         listed = "; ".join(f"{k}: checkpoint {_short(a)}, now {_short(b)}" for k, (a, b) in differ.items())
         raise ValueError(f"checkpoint {path} was written by a run with other settings ({listed}); resume with the same flags")
-    return int(info["step"])
+    return step
 
 
 def _short(value) -> str:
@@ -390,13 +551,6 @@ def checkpoint_record(path: str) -> dict:
     measured and picked is in its `recipe`).
 
     Raises:
-        ValueError: not a checkpoint written by this script.
+        CheckpointError: not a checkpoint written by this script, or its run record is damaged.
     """
-    info_path = os.path.join(path, _RUN_FILE)
-    if not os.path.isfile(info_path):
-        raise ValueError(f"{path} is not a checkpoint written by --checkpointing-steps (no {_RUN_FILE})")
-    try:
-        with open(info_path, encoding="utf-8") as f:
-            return dict(json.load(f)["run"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{info_path} is damaged ({exc}); resume from another checkpoint") from exc
+    return dict(_read_run_file(path)["run"])
