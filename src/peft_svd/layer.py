@@ -649,17 +649,23 @@ class Linear(nn.Module, SVDLayer):
         io = self.in_features * self.out_features
         build = self.in_features * sum((c1 - c0) * (r1 - r0) for r0, r1, c0, c1 in self._blocks)
         pooled_per_token = sum((c1 - c0) * (self.in_features + r1 - r0) for r0, r1, c0, c1 in self._blocks)
-        for name, rows in groups.items():
+        # At most `cached_weights` weights are built in one call, for the adapters with the most
+        # samples: a weight built beyond what the layer keeps would evict one built in the same call,
+        # and be built again on the next (measured: 8 adapters of 4 images each, one kept weight a
+        # layer, ran slower through built weights than pooled; benchmarks/RESULTS.md).
+        builds_left = len(groups) if self._mixed_path == "weights" else self.cached_weights
+        for name, rows in sorted(groups.items(), key=lambda item: -len(item[1])):
             if lean or self._mixed_path == "pooled":
                 pooled.append((name, rows))
                 continue
             deltas = (self.svd_delta[name],)
             cache = self._lookup_weight((name,), deltas, weight)
             if cache is None:
-                worth = len(rows) * tokens * (pooled_per_token - io) >= build
+                worth = builds_left > 0 and len(rows) * tokens * (pooled_per_token - io) >= build
                 if not (worth or self._mixed_path == "weights"):
                     pooled.append((name, rows))
                     continue
+                builds_left -= 1
                 cache = self._build_weight_cache((name,), deltas, weight)
             direct.append((rows, cache.value))
         return direct, pooled
