@@ -298,11 +298,19 @@ def test_multiple_adapters_switch_and_delete():
         assert torch.allclose(clip_logits(model, image, text), a, atol=1e-6)
 
 
-def test_mixed_adapter_batches_are_refused_with_a_clear_error():
+def test_mixed_adapter_batches_apply_each_sample_its_adapter():
+    # every layout against float64 references: tests/test_mixed_batch.py
     model = get_peft_model(TinyOpenCLIP(), SVDConfig()).eval()
+    _randomize(model, seed=1)
     image, text = clip_batch(images=2, texts=2)
-    with pytest.raises(ValueError, match="not supported by attention modules"):
-        model(image, text, adapter_names=["default", "__base__"])
+    with torch.no_grad():
+        mixed = model(image, text, adapter_names=["default", "__base__"])
+        adapted = model(image, text)
+        with model.disable_adapter():
+            base = model(image, text)
+    for got, a, b in zip(mixed[:2], adapted[:2], base[:2], strict=True):
+        assert torch.allclose(got[0], a[0], atol=1e-5) and torch.allclose(got[1], b[1], atol=1e-5)
+        assert not torch.allclose(a[0], b[0], atol=1e-3)
 
 
 def test_bf16_base_model_trains_in_fp32_singular_values():

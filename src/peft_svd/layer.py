@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -63,6 +64,12 @@ class SVDLayer(BaseTunerLayer):
         self.merged_adapters = []
         self.forward_mode = "auto"
         self._weight_cache: _WeightCache | None = None
+        # serving (mixed batches, see `_mixed_batch_forward`); set for a whole model by `SVDModel.set_serving`
+        self.cached_weights = 1  # adapters' effective weights kept: `_weight_cache` + `cached_weights - 1` here
+        self._more_weights: OrderedDict[tuple[str, ...], _WeightCache] = OrderedDict()
+        self.serving_top_k: int | None = None
+        self.serving_max_error: float | None = None
+        self._mixed_path: str | None = None  # tests only: "weights" or "pooled" forces a path
 
         base_layer = self.get_base_layer()
         if not isinstance(base_layer, nn.Linear):
@@ -216,6 +223,7 @@ class SVDLayer(BaseTunerLayer):
             if adapter_name in buffers:
                 del buffers[adapter_name]
         self._weight_cache = None
+        self._more_weights.clear()
 
     def _require_factors(self) -> None:
         if not self.has_factors:
@@ -248,17 +256,40 @@ class SVDLayer(BaseTunerLayer):
 
     def _cached_weight(self, adapter_names: tuple[str, ...]) -> torch.Tensor:
         """`W + U diag(sum of deltas) Vh` of the given adapters, built once and reused while it is valid."""
-        cache = self._weight_cache
         deltas = tuple(self.svd_delta[n] for n in adapter_names)
         weight = self.get_base_layer().weight
-        if cache is None or not cache.fits(deltas, weight):
+        cache = self._lookup_weight(adapter_names, deltas, weight)
+        if cache is None:
             cache = self._build_weight_cache(adapter_names, deltas, weight)
         return cache.value
 
+    def _lookup_weight(self, adapter_names: tuple[str, ...], deltas, weight) -> _WeightCache | None:
+        """The kept effective weight of these adapters if it is still valid (the most recent first), else None."""
+        cache = self._weight_cache
+        if cache is not None and cache.fits(deltas, weight):
+            return cache
+        cache = self._more_weights.pop(adapter_names, None)
+        if cache is None or not cache.fits(deltas, weight):
+            return None
+        # it becomes the most recent; the one it replaces was used last before it (least recently used last)
+        if self._weight_cache is not None:
+            self._more_weights[self._weight_cache.names] = self._weight_cache
+        self._weight_cache = cache
+        return cache
+
     def _build_weight_cache(self, adapter_names, deltas, weight) -> _WeightCache:
+        """Build and keep the effective weight of `adapter_names`; the weight it replaces is kept too, up to
+        `cached_weights` weights in all (the least recently used is dropped)."""
         with torch.no_grad():
             value = self.adapted_weight(self._summed_delta(adapter_names))
-        self._weight_cache = _WeightCache(deltas, weight, value)
+        previous = self._weight_cache
+        if previous is not None and self.cached_weights > 1:
+            self._more_weights[previous.names] = previous
+            self._more_weights.move_to_end(previous.names)
+        self._more_weights.pop(tuple(adapter_names), None)
+        while len(self._more_weights) > max(self.cached_weights - 1, 0):
+            self._more_weights.popitem(last=False)
+        self._weight_cache = _WeightCache(deltas, weight, value, tuple(adapter_names))
         return self._weight_cache
 
 
@@ -269,9 +300,10 @@ class _WeightCache:
     change its storage; a weight built under `inference_mode` cannot be saved for a backward pass.
     """
 
-    __slots__ = ("deltas", "states", "weight", "weight_state", "value")
+    __slots__ = ("deltas", "states", "weight", "weight_state", "value", "names")
 
-    def __init__(self, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor, value: torch.Tensor):
+    def __init__(self, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor, value: torch.Tensor, names=()):
+        self.names = names
         self.deltas = deltas
         self.states = tuple((d._version, d.data_ptr()) for d in deltas)
         self.weight = weight
@@ -321,6 +353,13 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     # `Tensor.to` costs microseconds even when it returns `t` itself; this is per layer call
     return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _select(x: torch.Tensor, batch_dim: int, rows: list[int], n: int) -> torch.Tensor:
+    """The samples `rows` of `x` (all `n` of them: `x` itself)."""
+    if len(rows) == n:  # rows are ascending
+        return x
+    return x.index_select(batch_dim, torch.tensor(rows, device=x.device))
 
 
 def _scaled_up(h, s, U, dtype, bias=None):
@@ -405,12 +444,14 @@ class Linear(nn.Module, SVDLayer):
             self.svd_S, self.svd_Vh = move(self.svd_S), move(self.svd_Vh)
             self._svd_U_blocks = tuple(move(U) for U in self._svd_U_blocks)
         self._weight_cache = None
+        self._more_weights.clear()
         return self
 
     def train(self, mode: bool = True):
         # the cached effective weight is only useful between parameter updates
         if mode:
             self._weight_cache = None
+            self._more_weights.clear()
         return super().train(mode)
 
     def _names_to_merge(self, adapter_names: list[str] | None) -> list[str]:
@@ -548,25 +589,166 @@ class Linear(nn.Module, SVDLayer):
             return self._adapted_forward(x, self._summed_delta(active))
         return F.linear(x, self._cached_weight(tuple(active)), base_layer.bias)
 
-    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
-        # each sample uses the adapter named for it ("__base__": none)
-        base_layer = self.get_base_layer()
-        unique = sorted(set(adapter_names))
-        result = None
-        for name in unique:
-            rows = [i for i, n in enumerate(adapter_names) if n == name]
-            sub = x[rows]
-            if name == "__base__" or name not in self.svd_delta:
-                out = base_layer(sub, *args, **kwargs)
-            else:
-                self._require_factors()
-                with torch.no_grad():
-                    weight = self.adapted_weight(self.svd_delta[name])
-                out = F.linear(sub, weight, base_layer.bias)
-            if result is None:
-                result = out.new_empty((x.shape[0], *out.shape[1:]))
-            result[rows] = out
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], batch_dim: int = 0, **kwargs: Any
+    ) -> torch.Tensor:
+        """Output for a batch whose samples each use their own adapter (`"__base__"`: none).
+
+        `x` is `(..., in_features)` with the samples along `batch_dim` (0, or 1 for the `(tokens,
+        batch, in)` layout of `nn.MultiheadAttention`). Every adapter of the layer shares `U` and `Vh`,
+        so the samples whose adapters have no kept weight are computed together, whatever their
+        adapters (`_pooled_forward`: one pair of products); samples of the base model, and adapters
+        whose effective weight is kept or worth building, are multiplied by that weight. Which
+        adapters take which path is decided per call by `_serving_plan`.
+        """
+        base = self._linear()
+        self._require_factors()
+        n = len(adapter_names)
+        tokens = x.numel() // (x.shape[-1] * n) if n else 0
+        direct, pooled = self._serving_plan(adapter_names, tokens)
+        parts = [(rows, F.linear(_select(x, batch_dim, rows, n), weight, base.bias)) for rows, weight in direct]
+        if pooled:
+            adapter_of = {i: a for a, (_, group) in enumerate(pooled) for i in group}
+            rows = sorted(adapter_of)
+            names = [name for name, _ in pooled]
+            per_sample = [adapter_of[i] for i in rows]
+            parts.append((rows, self._pooled_forward(_select(x, batch_dim, rows, n), names, per_sample, batch_dim)))
+        if len(parts) == 1:
+            return parts[0][1]
+        first = parts[0][1]
+        shape = list(first.shape)
+        shape[batch_dim] = n
+        result = first.new_empty(shape)
+        for rows, out in parts:
+            result.index_copy_(batch_dim, torch.tensor(rows, device=x.device), out)
         return result
+
+    def _serving_plan(self, adapter_names: list[str], tokens: int):
+        """Which samples of a mixed batch take which path: the one place where that is decided.
+
+        Counting multiply-adds for the `T` tokens of one adapter's samples: multiplying by a kept
+        effective weight costs `T in out`; building it first adds `in sum_b R_b out_b` (it is then
+        kept, see `cached_weights`); the pooled product costs `T sum_b R_b (in + out_b)` exactly
+        (2x a square layer's base cost, 1.25x a 4x wide MLP matrix's), or `T (in out + k (in + out))`
+        in the lean form (`serving_top_k` / `serving_max_error`, which never builds a weight).
+
+        Returns:
+            `direct`: `(rows, weight)` pairs, the sample indices multiplied by `weight` (the base
+            weight for `"__base__"` and adapters this layer does not have); `pooled`: `(name, rows)`
+            pairs of the adapters computed together by `_pooled_forward`.
+        """
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(adapter_names):
+            groups.setdefault(name if name in self.svd_delta else "__base__", []).append(i)
+        weight = self._linear().weight
+        direct, pooled = [], []
+        base_rows = groups.pop("__base__", None)
+        if base_rows is not None:
+            direct.append((base_rows, weight))
+        lean = self.serving_top_k is not None or self.serving_max_error is not None
+        io = self.in_features * self.out_features
+        build = self.in_features * sum((c1 - c0) * (r1 - r0) for r0, r1, c0, c1 in self._blocks)
+        pooled_per_token = sum((c1 - c0) * (self.in_features + r1 - r0) for r0, r1, c0, c1 in self._blocks)
+        # At most `cached_weights` weights are built in one call, for the adapters with the most
+        # samples: a weight built beyond what the layer keeps would evict one built in the same call,
+        # and be built again on the next (measured: 8 adapters of 4 images each, one kept weight a
+        # layer, ran slower through built weights than pooled; benchmarks/RESULTS.md).
+        builds_left = len(groups) if self._mixed_path == "weights" else self.cached_weights
+        for name, rows in sorted(groups.items(), key=lambda item: -len(item[1])):
+            if lean or self._mixed_path == "pooled":
+                pooled.append((name, rows))
+                continue
+            deltas = (self.svd_delta[name],)
+            cache = self._lookup_weight((name,), deltas, weight)
+            if cache is None:
+                worth = builds_left > 0 and len(rows) * tokens * (pooled_per_token - io) >= build
+                if not (worth or self._mixed_path == "weights"):
+                    pooled.append((name, rows))
+                    continue
+                builds_left -= 1
+                cache = self._build_weight_cache((name,), deltas, weight)
+            direct.append((rows, cache.value))
+        return direct, pooled
+
+    def _pooled_forward(self, x: torch.Tensor, names: list[str], per_sample: list[int], batch_dim: int) -> torch.Tensor:
+        """`U diag(S + delta_a) Vh x_i + b` for every sample `i`, each with its own adapter `a`, in one pair of products.
+
+        Args:
+            x: `(..., in_features)` with the samples along `batch_dim`.
+            names: the adapters; `per_sample`: the position in `names` of each sample's adapter.
+
+        In the lean form only the `k` largest changes of each adapter are added to the base weight's
+        product (`_lean_changes`): `W x + U_k diag(delta_k) Vh_k x + b`.
+        """
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        deltas = torch.stack([_cast(self.svd_delta[name], torch.float32) for name in names])  # (adapters, R)
+        per_sample = torch.tensor(per_sample, device=deltas.device)
+        base = self._linear()
+        bias = _cast(base.bias, dtype)
+        if self.serving_top_k is not None or self.serving_max_error is not None:
+            return self._lean_forward(_cast(x, dtype), deltas, per_sample, batch_dim, base.weight, bias)
+        s = (self.svd_S + deltas)[per_sample]  # (samples, R)
+        h = F.linear(_cast(x, dtype), _cast(self.svd_Vh, dtype))  # (..., R)
+        shape = [1] * h.ndim
+        shape[batch_dim], shape[-1] = s.shape
+        s = _cast(s, dtype).reshape(shape)
+        h = h * s if torch.is_grad_enabled() else h.mul_(s)
+        if len(self._svd_U_blocks) == 1:
+            return F.linear(h, _cast(self._svd_U_blocks[0], dtype), bias)
+        y = torch.cat(
+            [F.linear(h[..., c0:c1], _cast(U, dtype)) for U, (_, _, c0, c1) in zip(self._svd_U_blocks, self._blocks, strict=True)],
+            -1,
+        )
+        return y if bias is None else y + bias
+
+    def _lean_forward(self, x, deltas, per_sample, batch_dim, weight, bias) -> torch.Tensor:
+        """`W x + b` plus, for each sample, the rank-k change of its adapter: `U_k diag(delta_k) Vh_k x` per block."""
+        dtype = x.dtype
+        y = F.linear(x, _cast(weight, dtype), bias)
+        moved = x.movedim(batch_dim, 0)
+        samples = moved.shape[0]
+        xs = moved.reshape(samples, -1, self.in_features)  # (samples, tokens, in)
+        out = y.movedim(batch_dim, 0).reshape(samples, -1, self.out_features)
+        for U, (r0, r1, c0, _), (index, values) in zip(
+            self._svd_U_blocks, self._blocks, self._lean_changes(deltas), strict=True
+        ):
+            if index.shape[1] == 0:
+                continue
+            index, values = index[per_sample], _cast(values[per_sample], dtype)  # (samples, k)
+            Vk = _cast(self.svd_Vh[c0 + index], dtype)  # (samples, k, in)
+            Uk = _cast(U.T[index], dtype) * values.unsqueeze(-1)  # (samples, k, rows)
+            out[..., r0:r1] += torch.bmm(torch.bmm(xs, Vk.transpose(1, 2)), Uk)
+        return out.reshape(moved.shape[:-1] + (self.out_features,)).movedim(0, batch_dim)
+
+    def _lean_changes(self, deltas: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The changes served in the lean form, per output block: `(index, values)`, each `(adapters, k)`.
+
+        `index` are the block's positions of the `k` largest `|delta|` of each adapter. With
+        `serving_top_k`, `k` is that number (at most the block's rank); with `serving_max_error = e`,
+        each adapter keeps the fewest changes such that what it leaves out, `||delta - delta_k||`,
+        is at most `e ||S + delta||`: the relative Frobenius error of the block's adapted weight
+        (`U` and `Vh` are orthonormal). Values past an adapter's own `k` are zero, so a sample's
+        result does not depend on the other adapters of its batch.
+        """
+        changes = []
+        for _, _, c0, c1 in self._blocks:
+            d = deltas[:, c0:c1]
+            if self.serving_top_k is not None:
+                k = min(self.serving_top_k, c1 - c0)
+                index = d.abs().topk(k, dim=1).indices
+                changes.append((index, d.gather(1, index)))
+                continue
+            magnitude, index = d.abs().sort(dim=1, descending=True)
+            # left_out[:, j]: ||delta - delta_j||^2 when the j largest are kept
+            left_out = magnitude.square().flip(1).cumsum(1).flip(1)
+            bound = (self.serving_max_error * (self.svd_S[c0:c1] + d).norm(dim=1, keepdim=True)).square()
+            keep = (left_out > bound).sum(1)  # (adapters,)
+            k = int(keep.max()) if keep.numel() else 0
+            index = index[:, :k]
+            values = d.gather(1, index) * (torch.arange(k, device=d.device) < keep.unsqueeze(1))
+            changes.append((index, values))
+        return changes
 
     def __repr__(self) -> str:
         return "svd." + super().__repr__()

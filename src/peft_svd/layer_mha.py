@@ -13,11 +13,14 @@ only routes the adapted weights into the attention's forward pass.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .config import SVDConfig
 from .layer import Linear
@@ -73,7 +76,8 @@ class MultiheadAttention(nn.Module, BaseTunerLayer):
     `nn.MultiheadAttention` (whose forward never calls `out_proj`) wraps the attention with the
     `out_proj` part alone. The forward pass runs the wrapped module's own forward with the adapted
     weights in place of its parameters (`torch.func.functional_call`), so every argument and output
-    of the wrapped module is supported, except mixed-adapter batches (`adapter_names`).
+    of the wrapped module is supported. Mixed-adapter batches (`adapter_names`) compute the
+    projections with the parts' mixed-batch products (see `_mixed_batch_forward`).
     """
 
     # The trainable vectors live in the parts; this wrapper holds none itself.
@@ -273,12 +277,9 @@ class MultiheadAttention(nn.Module, BaseTunerLayer):
         return attention
 
     def forward(self, *args: Any, **kwargs: Any):
-        if kwargs.pop("adapter_names", None) is not None:
-            raise ValueError(
-                "Mixed-adapter batches (`adapter_names`) are not supported by attention modules with a packed q/k/v "
-                f"projection ({type(self.get_base_layer()).__name__}); activate one adapter at a time with "
-                "`set_adapter` instead."
-            )
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None and not self.disable_adapters:
+            return self._mixed_batch_forward(adapter_names, *args, **kwargs)
         attention = self.get_base_layer()
         if self.disable_adapters:
             self.unmerge()
@@ -298,5 +299,140 @@ class MultiheadAttention(nn.Module, BaseTunerLayer):
         # the module's own forward, with the adapted weights in place of its parameters for this call
         return torch.func.functional_call(attention, weights, args, kwargs)
 
+    def _mixed_batch_forward(self, adapter_names: list[str], *args: Any, **kwargs: Any):
+        """The wrapped attention on a batch whose samples each use their own adapter (`"__base__"`: none).
+
+        `nn.MultiheadAttention` (self-attention, `query is key is value`) is computed here, with the
+        q/k/v and output projections of the parts' mixed-batch products and the rest as PyTorch
+        computes it. Other modules run their own forward: the packed projection `F.linear(x,
+        in_proj_weight, in_proj_bias)` (samples first) is replaced by the part's mixed-batch product,
+        and `out_proj`, called as a module, handles `adapter_names` itself.
+        """
+        if self.merged_adapters:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        attention = self.get_base_layer()
+        if isinstance(attention, nn.MultiheadAttention):
+            return self._mixed_multihead_attention(adapter_names, *args, **kwargs)
+        in_proj = self.in_proj
+        if not isinstance(in_proj, Linear):
+            return attention(*args, **kwargs)
+
+        def project(x):
+            if x.ndim < 2 or x.shape[0] != len(adapter_names):
+                raise ValueError(
+                    f"{type(attention).__name__} projects an input of shape {tuple(x.shape)}, whose first dimension "
+                    f"is not the batch of {len(adapter_names)} samples named by `adapter_names`; mixed-adapter "
+                    "batches need the samples first."
+                )
+            return in_proj._mixed_batch_forward(x, adapter_names=adapter_names)
+
+        with _ReplaceLinear(attention.in_proj_weight, project):
+            return attention(*args, **kwargs)
+
+    def _mixed_multihead_attention(
+        self,
+        adapter_names: list[str],
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
+        """`nn.MultiheadAttention.forward` (in evaluation: no dropout) for a mixed-adapter batch.
+
+        Returns `(output, weights)` like `nn.MultiheadAttention`: output `(batch, tokens, embed_dim)`
+        (`(tokens, batch, embed_dim)` unless `batch_first`), weights `(batch, [heads,] tokens, tokens)`
+        or None.
+        """
+        mha = self.get_base_layer()
+        if not (query is key and key is value) or query.ndim != 3 or mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError(
+                "Mixed-adapter batches (`adapter_names`) through nn.MultiheadAttention need batched self-attention "
+                "(query, key and value the same 3-d tensor) without bias_k/bias_v or add_zero_attn; activate one "
+                "adapter at a time with `set_adapter` for other uses."
+            )
+        x = query.transpose(0, 1) if mha.batch_first else query  # (tokens, batch, embed_dim)
+        tokens, batch, embed = x.shape
+        if batch != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {batch} respectively."
+            )
+        heads = mha.num_heads
+        head_dim = embed // heads
+        qkv = self._project(self.in_proj, x, adapter_names, mha.in_proj_weight, mha.in_proj_bias)
+        q, k, v = qkv.chunk(3, dim=-1)
+        # the masks as F.multi_head_attention_forward prepares them
+        key_padding_mask = F._canonical_mask(
+            mask=key_padding_mask,
+            mask_name="key_padding_mask",
+            other_type=F._none_or_dtype(attn_mask),
+            other_name="attn_mask",
+            target_type=q.dtype,
+        )
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
+        if is_causal and key_padding_mask is None and not need_weights:
+            attn_mask = None  # scaled_dot_product_attention builds the causal mask itself
+        else:
+            attn_mask = F._canonical_mask(
+                mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=q.dtype, check_other=False
+            )
+            if key_padding_mask is not None:
+                is_causal = False
+        if attn_mask is not None and attn_mask.dim() == 2:
+            attn_mask = attn_mask.unsqueeze(0)
+        q, k, v = (t.reshape(tokens, batch * heads, head_dim).transpose(0, 1) for t in (q, k, v))
+        if key_padding_mask is not None:
+            padding = key_padding_mask.view(batch, 1, 1, tokens).expand(-1, heads, -1, -1).reshape(batch * heads, 1, tokens)
+            attn_mask = padding if attn_mask is None else attn_mask + padding
+        weights = None
+        if need_weights:
+            scores = q * (1.0 / math.sqrt(head_dim)) @ k.transpose(-2, -1)
+            if attn_mask is not None:
+                scores = scores + attn_mask
+            weights = scores.softmax(dim=-1)
+            out = torch.bmm(weights, v).transpose(0, 1)  # (tokens, batch * heads, head_dim)
+            weights = weights.view(batch, heads, tokens, tokens)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        else:
+            if attn_mask is not None:
+                attn_mask = attn_mask.unsqueeze(0) if attn_mask.size(0) == 1 else attn_mask.view(batch, heads, -1, tokens)
+            q, k, v = (t.view(batch, heads, tokens, head_dim) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal)
+            out = out.permute(2, 0, 1, 3)  # (tokens, batch, heads, head_dim)
+        out = out.reshape(tokens, batch, embed)
+        out = self._project(self.out_proj, out, adapter_names, mha.out_proj.weight, mha.out_proj.bias)
+        if mha.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    @staticmethod
+    def _project(layer, x, adapter_names, weight, bias):
+        """A projection of `x` `(tokens, batch, in)`: the part's mixed-batch product when it is adapted."""
+        if isinstance(layer, Linear):
+            return layer._mixed_batch_forward(x, adapter_names=adapter_names, batch_dim=1)
+        return F.linear(x, weight, bias)
+
     def __repr__(self) -> str:
         return "svd." + super().__repr__()
+
+
+class _ReplaceLinear(TorchFunctionMode):
+    """Within the block, `F.linear(x, weight, ...)` with this `weight` returns `project(x)` instead."""
+
+    def __init__(self, weight: torch.Tensor, project):
+        super().__init__()
+        self.weight, self.project = weight, project
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) > 1 and args[1] is self.weight:
+            return self.project(args[0])
+        return func(*args, **kwargs)
