@@ -245,6 +245,9 @@ import torch
 import peft_svd.fewshot.training as training
 
 where, at, sig = {where!r}, {at}, signal.{signal}
+# a process started in the background inherits SIGINT ignored (and Python then keeps it so): restore
+# what a terminal's Ctrl-C meets
+signal.signal(signal.SIGINT, signal.default_int_handler)
 calls = 0
 
 def count():
