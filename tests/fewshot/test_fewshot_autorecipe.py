@@ -2,7 +2,6 @@
 examples/fewshot.py: the augmentation chosen from the base model's view of the training shots, the
 learning rate picked on the validation split only, and the warning when adaptation ends below zero-shot."""
 
-import importlib.util
 import json
 import os
 
@@ -17,23 +16,7 @@ from peft_svd.fewshot import data as fsdata
 from peft_svd.fewshot.training import FewShotRecipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def fewshot():
-    spec = importlib.util.spec_from_file_location("fewshot_example_autorecipe", os.path.join(ROOT, "examples", "fewshot.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 class _Processor:

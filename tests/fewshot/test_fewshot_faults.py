@@ -10,7 +10,6 @@ changes themselves reach ~1e-3).
 """
 
 import errno
-import importlib.util
 import json
 import os
 import pickle
@@ -23,54 +22,24 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from tiny_benchmark import write_benchmark_root
+from tiny_fewshot import adapter_deltas as _deltas
+from tiny_fewshot import max_difference as _max_difference
+from tiny_fewshot import subprocess_env as _env
 from tiny_fewshot import write_imagefolder
 
 from peft_svd.errors import PeftSVDWarning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 SCRIPT = os.path.join(ROOT, "examples", "fewshot.py")
 TOLERANCE = 1e-6
-
-
-@pytest.fixture(scope="module")
-def fewshot():
-    spec = importlib.util.spec_from_file_location("fewshot_faults_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def _args(model_dir, data_dir, output_dir, *extra):
     # 5 classes x 1 shot = 5 images; 4 steps of 5 images, a checkpoint after steps 1, 2 and 3.
     return ["--model", model_dir, "--dataset", data_dir, "--shots", "1", "--seed", "3", "--max-steps", "4",
             "--batch-size", "5", "--checkpointing-steps", "1", "--skip-zero-shot", "--output-dir", str(output_dir), *extra]
-
-
-def _deltas(output_dir):
-    state = load_file(os.path.join(output_dir, "adapter_model.safetensors"))
-    return {k: v for k, v in state.items() if k.endswith("svd_delta")}
-
-
-def _max_difference(a, b):
-    assert a.keys() == b.keys() and a
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def _env():
-    src = os.path.join(ROOT, "src")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _must_not_run(*args, **kwargs):

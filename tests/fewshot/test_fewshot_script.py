@@ -19,10 +19,13 @@ import types
 import pytest
 import torch
 from hub_recorder import HubRecorder
-from safetensors.torch import load_file
+from tiny_fewshot import adapter_deltas as _deltas
+from tiny_fewshot import max_difference as _max_difference
+from tiny_fewshot import subprocess_env as _env
 from tiny_fewshot import write_imagefolder, write_tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 SCRIPT = os.path.join(ROOT, "examples", "fewshot.py")
 EVALUATE = os.path.join(ROOT, "examples", "evaluate_adapter.py")
 TOLERANCE = 1e-6
@@ -36,23 +39,8 @@ def _load_example(path, name):
 
 
 @pytest.fixture(scope="module")
-def fewshot():
-    return _load_example(SCRIPT, "fewshot_example")
-
-
-@pytest.fixture(scope="module")
 def evaluate_example():
     return _load_example(EVALUATE, "evaluate_example")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    # Each in-process run creates its own Accelerator; accelerate keeps process-wide state.
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def _run_args(model_dir, data_dir, output_dir, *extra):
@@ -61,24 +49,6 @@ def _run_args(model_dir, data_dir, output_dir, *extra):
         "--model", model_dir, "--dataset", data_dir, "--shots", "4", "--seed", "3", "--iters-per-shot", "3",
         "--batch-size", "8", "--checkpointing-steps", "4", "--output-dir", output_dir, *extra,
     ]
-
-
-def _deltas(output_dir):
-    state = load_file(os.path.join(output_dir, "adapter_model.safetensors"))
-    return {k: v for k, v in state.items() if k.endswith("svd_delta")}
-
-
-def _max_difference(a, b):
-    assert a.keys() == b.keys() and a
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def _env():
-    src = os.path.join(ROOT, "src")
-    return {
-        **os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-    }
 
 
 @pytest.fixture(scope="module")

@@ -62,3 +62,24 @@ def write_imagefolder(root: str, train_per_class=6, test_per_class=4, seed=0, cl
                 pixels = np.clip(np.array(COLORS[name]) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
     return root
+
+
+def adapter_deltas(output_dir: str) -> dict:
+    """The singular-value changes of the adapter a run saved in `output_dir`."""
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(output_dir, "adapter_model.safetensors"))
+    return {k: v for k, v in state.items() if k.endswith("svd_delta")}
+
+
+def max_difference(a: dict, b: dict) -> float:
+    """Largest absolute difference between two non-empty dicts of tensors with the same keys."""
+    assert a.keys() == b.keys() and a
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def subprocess_env() -> dict:
+    """The environment of a child process that runs the repository's sources offline."""
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
