@@ -84,35 +84,14 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- models
 
 
-def clip_config(args):
-    from transformers import CLIPConfig
-
-    return CLIPConfig(
-        text_config=dict(
-            hidden_size=args.text_width,
-            intermediate_size=4 * args.text_width,
-            num_hidden_layers=args.blocks,
-            num_attention_heads=max(1, args.text_width // 64),
-            vocab_size=1000,
-            max_position_embeddings=77,
-        ),
-        vision_config=dict(
-            hidden_size=args.vision_width,
-            intermediate_size=4 * args.vision_width,
-            num_hidden_layers=args.blocks,
-            num_attention_heads=max(1, args.vision_width // 64),
-            image_size=args.image_size,
-            patch_size=16,
-        ),
-        projection_dim=512,
-    )
-
-
 def base_model(args):
+    """A random CLIPModel at the widths asked for: the config of `bench_train_step.py`, text vocabulary 1000."""
     from transformers import CLIPModel
 
+    from bench_train_step import clip_config
+
     torch.manual_seed(0)
-    return CLIPModel(clip_config(args)).eval()
+    return CLIPModel(clip_config(argparse.Namespace(**vars(args), vocab_size=1000))).eval()
 
 
 def save_adapters(base, count: int, folder: Path) -> list[Path]:
